@@ -1,0 +1,3 @@
+from rnngen.cli import main
+
+main()

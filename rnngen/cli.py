@@ -1,0 +1,258 @@
+"""The `rnngen` command line. Built by `create_app()`; heavy modules load inside commands.
+
+`generate`, `info` and `score` never import torch; `train` and `export` do.
+Errors the user can cause print as one line on stderr with exit code 1.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Iterator, List, Optional
+
+import typer
+from rich.console import Console
+
+from rnngen import __version__
+from rnngen.errors import RnngenError
+
+EXIT_ERROR = 1
+EXIT_INTERRUPTED = 130
+
+
+def _stderr() -> Console:
+    return Console(stderr=True, highlight=False)
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """One clear line and a non-zero exit for errors the user can act on."""
+    try:
+        yield
+    except RnngenError as exc:
+        _stderr().print(f"[bold red]error:[/] {exc}", markup=True, soft_wrap=True)
+        raise typer.Exit(EXIT_ERROR) from None
+    except KeyboardInterrupt:
+        _stderr().print("interrupted")
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        typer.echo(f"rnngen {__version__}")
+        raise typer.Exit()
+
+
+def create_app() -> typer.Typer:
+    app = typer.Typer(
+        name="rnngen",
+        help="Train, export and run recurrent language models (RNN, LSTM, GRU) with ONNX.",
+        no_args_is_help=True,
+        add_completion=False,
+        pretty_exceptions_enable=False,
+    )
+
+    @app.callback()
+    def root(
+        version: bool = typer.Option(False, "--version", callback=_version_callback, is_eager=True, help="Print the version and exit."),
+    ) -> None:
+        pass
+
+    app.command(help="Train a model on a UTF-8 text file (needs the train extra).")(train)
+    app.command(help="Export a checkpoint to one self-contained ONNX file (needs the train extra).")(export)
+    app.command(help="Stream generated text from an exported model.")(generate)
+    app.command(help="Show a model's metadata and the execution providers.")(info)
+    app.command(help="Loss (nats and bits per token and char) and perplexity of a text file.")(score)
+    return app
+
+
+def main() -> None:
+    create_app()()
+
+
+# ---------------------------------------------------------------------------- train
+
+
+def train(
+    data: Path = typer.Argument(..., help="UTF-8 text file to train on."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory for checkpoints and the loss curve [default: runs/CELL]."),
+    cell: str = typer.Option("lstm", help="Recurrent cell: rnn, lstm or gru."),
+    layers: int = typer.Option(2, help="Number of stacked recurrent layers."),
+    hidden: int = typer.Option(512, help="Hidden units per layer."),
+    embedding: int = typer.Option(0, help="Embedding size; 0 means equal to --hidden (weights tied)."),
+    tokenizer: str = typer.Option("char", help="Tokenizer: char, byte or word."),
+    max_vocab: int = typer.Option(10_000, help="Word tokenizer: keep this many most frequent words."),
+    seq_len: int = typer.Option(128, help="Truncated BPTT length in tokens."),
+    batch_size: int = typer.Option(32, help="Parallel streams per step."),
+    lr: float = typer.Option(2e-3, help="Peak learning rate (AdamW)."),
+    warmup: int = typer.Option(100, help="Linear warm-up steps."),
+    weight_decay: float = typer.Option(0.01, help="AdamW weight decay on weight matrices."),
+    dropout: float = typer.Option(0.2, help="Dropout on embedding, between layers and before the decoder."),
+    grad_clip: float = typer.Option(1.0, help="Clip the gradient norm to this (0 disables)."),
+    steps: Optional[int] = typer.Option(None, help="Optimizer steps [default: 5000]."),
+    epochs: Optional[float] = typer.Option(None, help="Train this many passes over the data instead of --steps."),
+    val_fraction: float = typer.Option(0.1, help="Share of the corpus, from its end, held out for validation."),
+    eval_every: int = typer.Option(250, help="Steps between validation, samples and checkpoints."),
+    sample_tokens: int = typer.Option(200, help="Length of the sample shown at each evaluation (0: none)."),
+    seed: int = typer.Option(1337, help="Random seed (weights, dropout, samples)."),
+    threads: int = typer.Option(0, help="CPU threads for torch (0: torch's default)."),
+    no_tie: bool = typer.Option(False, "--no-tie", help="Do not share the embedding with the decoder."),
+    resume: Optional[Path] = typer.Option(None, help="Continue the run in this directory from its last checkpoint."),
+    force: bool = typer.Option(False, "--force", help="Start over in a non-empty run directory (replaces its checkpoints)."),
+) -> None:
+    options = dict(locals())
+    with user_errors():
+        from rnngen.training.progress import run_training
+
+        run_training(**options)
+
+
+# ---------------------------------------------------------------------------- export
+
+
+def export(
+    checkpoint: Path = typer.Argument(..., help="Run directory (uses best, else last) or a checkpoint .json file."),
+    output: Path = typer.Option(..., "--output", "-o", help="The .onnx file to write."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing output file."),
+) -> None:
+    with user_errors():
+        from rnngen.training.export import export_checkpoint
+
+        report = export_checkpoint(checkpoint, output, force=force)
+        shapes = ", ".join(f"{b}x{t}" for b, t in report.shapes)
+        console = Console(highlight=False)
+        console.print("onnx.checker: passed")
+        console.print(
+            f"parity onnxruntime vs PyTorch (batch x time {shapes}): "
+            f"max |diff| logits {report.max_logit_diff:.2e}, state {report.max_state_diff:.2e}"
+        )
+        console.print(f"wrote {report.path} ({report.bytes / 1e6:.2f} MB, {report.parameters:,} parameters)")
+
+
+# ---------------------------------------------------------------------------- generate
+
+
+def generate(
+    model: Path = typer.Option(..., "--model", "-m", help="An rnngen .onnx model."),
+    prompt: str = typer.Option("", "--prompt", "-p", help="Text to start from (empty: the model starts a new text)."),
+    max_new_tokens: int = typer.Option(500, "--max-new-tokens", "-n", help="Tokens to generate."),
+    temperature: float = typer.Option(0.8, "--temperature", "-t", help="Sampling temperature; 0 is greedy."),
+    top_k: int = typer.Option(0, "--top-k", help="Sample from the k most likely tokens only (0: all)."),
+    top_p: float = typer.Option(1.0, "--top-p", help="Sample from the smallest set reaching this probability (1: all)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed: the same seed gives the same text."),
+    stop: Optional[List[str]] = typer.Option(None, "--stop", help="Stop before this string (repeatable)."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    unknown: str = typer.Option("error", "--unknown", help="Prompt characters outside the vocabulary: error, replace or skip."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only the text, no statistics."),
+) -> None:
+    with user_errors():
+        from rnngen.generation import TextStream
+        from rnngen.runtime import RnnModel
+        from rnngen.sampling import GenerationParams
+
+        params = GenerationParams(
+            max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+            seed=seed, stop=tuple(stop or ()), on_unknown=unknown,
+        )
+        rnn = RnnModel.load(model, device=device)
+        stream = TextStream(rnn, prompt, params)
+        out = sys.stdout
+        out.write(prompt)
+        out.flush()
+        start = time.perf_counter()
+        for piece in stream:
+            out.write(piece)
+            out.flush()
+        elapsed = time.perf_counter() - start
+        out.write("\n")
+        out.flush()
+        if not quiet:
+            rate = stream.new_tokens / elapsed if elapsed > 0 else float("inf")
+            _stderr().print(
+                f"[dim]{stream.new_tokens} tokens in {elapsed:.2f} s ({rate:,.0f} tokens/s) on {rnn.device}, "
+                f"finish: {stream.finish_reason}[/]"
+            )
+
+
+# ---------------------------------------------------------------------------- info
+
+
+def info(
+    model: Path = typer.Argument(..., help="An rnngen .onnx model."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    with user_errors():
+        from rich.table import Table
+
+        from rnngen.runtime import RnnModel, available_providers
+
+        rnn = RnnModel.load(model, device=device)
+        cfg, meta, training = rnn.config, rnn.file.metadata, rnn.file.training
+        rows = {
+            "file": str(rnn.file.path),
+            "size": f"{len(rnn.file.model_bytes) / 1e6:.2f} MB",
+            "format version": str(rnn.file.format_version),
+            "cell": cfg.cell,
+            "layers": str(cfg.num_layers),
+            "hidden size": str(cfg.hidden_size),
+            "embedding size": str(cfg.input_size),
+            "tied weights": str(cfg.tied),
+            "state": ", ".join(f"{s} ({cfg.num_layers}, batch, {cfg.hidden_size})" for s in cfg.state_names),
+            "tokenizer": f"{rnn.tokenizer.kind}, {rnn.tokenizer.vocab_size} symbols",
+            "parameters": f"{training['parameters']:,}" if training.get("parameters") else "unknown",
+            "corpus": f"{training.get('corpus')} ({training.get('corpus_chars') or 0:,} chars)" if training.get("corpus") else "unknown",
+            "validation loss": (
+                f"{training['val_loss']:.4f} nats/token ({training['val_bits']:.4f} bits), last {training.get('val_fraction')} of corpus"
+                if training.get("val_loss") is not None else "unknown"
+            ),
+            "training steps": str(training.get("steps", "unknown")),
+            "rnngen version": meta.get("rnngen.version", "unknown"),
+            "created": meta.get("rnngen.created", "unknown"),
+            "providers available": ", ".join(available_providers()),
+            "providers used": ", ".join(rnn.providers),
+        }
+        if as_json:
+            typer.echo(json.dumps(rows, indent=2))
+            return
+        table = Table(show_header=False, title=f"rnngen model {model.name}")
+        table.add_column(style="bold")
+        table.add_column()
+        for key, value in rows.items():
+            table.add_row(key, value)
+        Console().print(table)
+
+
+# ---------------------------------------------------------------------------- score
+
+
+def score(
+    model: Path = typer.Argument(..., help="An rnngen .onnx model."),
+    file: Path = typer.Argument(..., help="UTF-8 text file to score."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    unknown: str = typer.Option("error", "--unknown", help="Characters outside the vocabulary: error, replace or skip."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    with user_errors():
+        from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+
+        from rnngen.runtime import RnnModel
+        from rnngen.scoring import score_file
+
+        rnn = RnnModel.load(model, device=device)
+        columns = (TextColumn("scoring"), BarColumn(), DownloadColumn(), TimeRemainingColumn())
+        with Progress(*columns, console=_stderr(), transient=True, disable=as_json) as progress:
+            task = progress.add_task("score", total=file.stat().st_size if file.is_file() else None)
+            result = score_file(rnn, file, on_unknown=unknown, on_progress=lambda n: progress.update(task, completed=n))
+        if as_json:
+            typer.echo(json.dumps(result.to_dict(), indent=2))
+            return
+        Console(highlight=False).print(
+            f"{file}: {result.tokens:,} tokens, {result.chars:,} chars\n"
+            f"  {result.nats_per_token:.4f} nats/token  {result.bits_per_token:.4f} bits/token  "
+            f"perplexity {result.perplexity:.3f}\n"
+            f"  {result.nats_per_char:.4f} nats/char   {result.bits_per_char:.4f} bits/char"
+        )

@@ -1,0 +1,46 @@
+"""Reading text corpora, with clear errors for files that cannot be trained on."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from rnngen.errors import DataError, InvalidParameterError
+
+SNIFF_BYTES = 65_536
+
+
+def check_text_file(path: str | os.PathLike) -> Path:
+    """The path, if it names a non-empty UTF-8 text file; otherwise a DataError saying why."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"data file not found: {path}")
+    if not path.is_file():
+        raise DataError(f"data path is not a file: {path}")
+    if path.stat().st_size == 0:
+        raise DataError(f"data file is empty: {path}")
+    with path.open("rb") as f:
+        head = f.read(SNIFF_BYTES)
+    nul = head.find(b"\x00")
+    if nul >= 0:
+        raise DataError(f"data file looks binary (NUL byte at offset {nul}): {path}; rnngen trains on UTF-8 text")
+    return path
+
+
+def read_corpus(path: str | os.PathLike) -> str:
+    path = check_text_file(path)
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"data file is not UTF-8 text (invalid byte at offset {exc.start}): {path}") from None
+
+
+def split_train_val(ids: np.ndarray, val_fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """Hold out the end of the corpus for validation (as nanoGPT's shakespeare_char does)."""
+    if not (0.0 < val_fraction < 1.0):
+        raise InvalidParameterError(f"val_fraction: {val_fraction} is outside (0, 1)")
+    n_train = int(len(ids) * (1.0 - val_fraction))
+    return ids[:n_train], ids[n_train:]

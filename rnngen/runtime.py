@@ -1,0 +1,139 @@
+"""The inference core: an rnngen model on onnxruntime, stepped with explicit state.
+
+No torch here. `RnnModel.run(tokens, state)` is the whole interface: a prompt
+goes through the Loop graph in one call (time = prompt length), then decoding
+calls it with time = 1, carrying the state it returned.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from rnngen.errors import DeviceError, InvalidParameterError, ModelFormatError
+from rnngen.modelfile import ModelFile, read_model_file
+from rnngen.onnx_graph import LOGITS, TOKENS, state_output_name
+
+DEVICES = ("auto", "cpu", "cuda")
+CPU_PROVIDER = "CPUExecutionProvider"
+CUDA_PROVIDER = "CUDAExecutionProvider"
+# CUDA runtime and cuDNN libraries the onnxruntime-gpu CUDA provider loads (CUDA 13 or 12 builds).
+_CUDART = ("libcudart.so.13", "libcudart.so.12")
+_CUDNN = ("libcudnn.so.9",)
+
+
+def available_providers() -> list[str]:
+    import onnxruntime as ort
+
+    return list(ort.get_available_providers())
+
+
+def _load_any(names: tuple[str, ...]):
+    for name in names:
+        try:
+            return ctypes.CDLL(name)
+        except OSError:
+            continue
+    return None
+
+
+def cuda_unusable_reason() -> str | None:
+    """Why CUDA cannot be used here, or None when it can.
+
+    Checked before onnxruntime is asked for CUDA, because a failed request makes
+    it log loud errors: the provider must be built in, the CUDA runtime and cuDNN
+    libraries must load, and at least one GPU must be visible.
+    """
+    import onnxruntime as ort
+
+    if CUDA_PROVIDER not in ort.get_available_providers():
+        return "this onnxruntime build has no CUDA execution provider (install onnxruntime-gpu)"
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is not None and _load_any(_CUDART) is None:
+        try:  # onnxruntime-gpu can load CUDA/cuDNN from the NVIDIA pip wheels
+            preload()
+        except Exception:
+            pass
+    cudart = _load_any(_CUDART)
+    if cudart is None:
+        return f"the CUDA runtime library ({' or '.join(_CUDART)}) cannot be loaded"
+    if _load_any(_CUDNN) is None:
+        return f"the cuDNN library ({' or '.join(_CUDNN)}) cannot be loaded"
+    count = ctypes.c_int(0)
+    try:
+        status = cudart.cudaGetDeviceCount(ctypes.byref(count))
+    except AttributeError:
+        return "the CUDA runtime library has no cudaGetDeviceCount"
+    if status != 0 or count.value < 1:
+        return f"no CUDA GPU is visible (cudaGetDeviceCount returned {status}, {count.value} devices)"
+    return None
+
+
+def select_providers(device: str) -> list[str]:
+    """Execution providers for --device auto|cpu|cuda; 'cuda' fails clearly where CUDA is unusable."""
+    if device not in DEVICES:
+        raise InvalidParameterError(f"device: {device!r} is not one of {', '.join(DEVICES)}")
+    if device == "cpu":
+        return [CPU_PROVIDER]
+    reason = cuda_unusable_reason()
+    if reason is None:
+        return [CUDA_PROVIDER, CPU_PROVIDER]
+    if device == "cuda":
+        raise DeviceError(f"--device cuda: CUDA cannot be used: {reason}; use --device cpu or auto")
+    return [CPU_PROVIDER]
+
+
+@dataclass
+class SessionOptions:
+    intra_op_threads: int = 0  # 0 lets onnxruntime choose (one per core)
+
+
+class RnnModel:
+    """A loaded rnngen model: config, tokenizer, metadata and an onnxruntime session."""
+
+    def __init__(self, model_file: ModelFile, device: str = "auto", options: SessionOptions | None = None):
+        import onnxruntime as ort
+
+        self.file = model_file
+        self.config = model_file.config
+        self.tokenizer = model_file.tokenizer
+        self.state_names = self.config.state_names
+        self._state_outputs = [state_output_name(s) for s in self.state_names]
+        self._outputs = [LOGITS, *self._state_outputs]
+        providers = select_providers(device)
+        so = ort.SessionOptions()
+        so.log_severity_level = 3  # errors only: no warnings noise on the user's terminal
+        if options and options.intra_op_threads:
+            so.intra_op_num_threads = options.intra_op_threads
+        # A model with external weights is opened by path so onnxruntime finds them (checked to lie
+        # inside the model's folder); a self-contained one from the bytes already checked.
+        source = str(model_file.path) if model_file.has_external_data else model_file.model_bytes
+        try:
+            self.session = ort.InferenceSession(source, sess_options=so, providers=providers)
+        except Exception as exc:  # onnxruntime raises its own exception types
+            raise ModelFormatError(f"{model_file.path}: onnxruntime cannot load the graph: {exc}") from None
+        self.providers = self.session.get_providers()
+        if device == "cuda" and CUDA_PROVIDER not in self.providers:
+            raise DeviceError("--device cuda: onnxruntime did not enable the CUDA provider for this model")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, device: str = "auto", options: SessionOptions | None = None) -> "RnnModel":
+        return cls(read_model_file(path), device, options)
+
+    @property
+    def device(self) -> str:
+        return "cuda" if self.providers and self.providers[0] == CUDA_PROVIDER else "cpu"
+
+    def initial_state(self, batch: int = 1) -> dict[str, np.ndarray]:
+        shape = (self.config.num_layers, batch, self.config.hidden_size)
+        return {s: np.zeros(shape, dtype=np.float32) for s in self.state_names}
+
+    def run(self, tokens: np.ndarray, state: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """logits (B, T, V) and the state after the last of T tokens, from tokens (B, T)."""
+        feeds = {TOKENS: tokens}
+        feeds.update(state)
+        logits, *new_state = self.session.run(self._outputs, feeds)
+        return logits, dict(zip(self.state_names, new_state))
