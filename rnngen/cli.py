@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -206,8 +207,9 @@ def info(
             "parameters": f"{training['parameters']:,}" if training.get("parameters") else "unknown",
             "corpus": f"{training.get('corpus')} ({training.get('corpus_chars') or 0:,} chars)" if training.get("corpus") else "unknown",
             "validation loss": (
-                f"{training['val_loss']:.4f} nats/token ({training['val_bits']:.4f} bits), last {training.get('val_fraction')} of corpus"
-                if training.get("val_loss") is not None else "unknown"
+                f"{training['val_loss']:.4f} nats/token ({training['val_loss'] / math.log(2):.4f} bits)"
+                + (f", last {training['val_fraction']:.0%} of the corpus" if training.get("val_fraction") else "")
+                if isinstance(training.get("val_loss"), (int, float)) else "unknown"
             ),
             "training steps": str(training.get("steps", "unknown")),
             "rnngen version": meta.get("rnngen.version", "unknown"),

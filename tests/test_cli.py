@@ -1,0 +1,208 @@
+"""Every command through Typer's runner and as a real subprocess; bad input gives one line and exit 1."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from rnngen import __version__
+from rnngen.cli import create_app
+from rnngen.runtime import cuda_unusable_reason
+
+runner = CliRunner()
+app = create_app()
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def one_line_error(result, needle):
+    assert result.exit_code == 1, result.output
+    assert needle in result.stderr, result.stderr
+    assert "Traceback" not in result.output + result.stderr
+    assert result.stderr.strip().startswith("error:")
+
+
+def test_version_and_help():
+    assert invoke("--version").stdout.strip() == f"rnngen {__version__}"
+    result = invoke("--help")
+    for command in ("train", "export", "generate", "info", "score"):
+        assert command in result.stdout
+
+
+def test_generate_streams_prompt_and_text(char_model_file):
+    result = invoke("generate", "--model", char_model_file, "--prompt", "the ", "-n", "40", "--seed", "3")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith("the ")
+    assert len(result.stdout) == len("the ") + 40 + 1  # prompt, 40 chars, newline
+    assert "40 tokens in" in result.stderr and "finish: length" in result.stderr
+    again = invoke("generate", "--model", char_model_file, "--prompt", "the ", "-n", "40", "--seed", "3", "--quiet")
+    assert again.stdout == result.stdout and again.stderr == ""
+
+
+def test_generate_with_sampling_options_and_stop(char_model_file):
+    result = invoke("generate", "-m", char_model_file, "-n", "300", "--seed", "1", "--top-k", "5", "--top-p", "0.9",
+                    "--temperature", "1.2", "--stop", "e", "--stop", "zz")
+    assert result.exit_code == 0, result.output
+    assert "e" not in result.stdout and "finish: stop" in result.stderr
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--temperature", "-1"], "temperature: -1.0 is not a finite number in [0.0, 100.0]"),
+    (["--top-p", "0"], "top_p: 0.0 is outside (0, 1]"),
+    (["--temperature", "nan"], "temperature: nan"),
+    (["-n", "0"], "max_new_tokens: 0"),
+    (["--device", "tpu"], "device: 'tpu' is not one of auto, cpu, cuda"),
+    (["--prompt", "XYZ"], "not in the model's vocabulary"),
+    (["--unknown", "maybe"], "on_unknown: 'maybe'"),
+])
+def test_generate_bad_input(char_model_file, args, needle):
+    one_line_error(invoke("generate", "--model", char_model_file, *args), needle)
+
+
+def test_generate_refuses_what_is_not_a_model(tmp_path):
+    (tmp_path / "x.onnx").write_text("hello")
+    one_line_error(invoke("generate", "--model", tmp_path / "x.onnx"), "not an ONNX model")
+    one_line_error(invoke("generate", "--model", tmp_path / "none.onnx"), "model file not found")
+
+
+def test_generate_cuda_where_unusable_is_a_clear_error(char_model_file):
+    if cuda_unusable_reason() is None:
+        pytest.skip("CUDA is usable here")
+    one_line_error(invoke("generate", "--model", char_model_file, "--device", "cuda"), "CUDA cannot be used")
+
+
+def test_info_table_and_json(char_model_file):
+    result = invoke("info", char_model_file)
+    assert result.exit_code == 0, result.output
+    for needle in ("lstm", "hidden size", "providers used", "CPUExecutionProvider", "char, "):
+        assert needle in result.stdout
+    data = json.loads(invoke("info", char_model_file, "--json").stdout)
+    assert data["cell"] == "lstm" and data["layers"] == "2" and data["format version"] == "1"
+
+
+def test_score_text_and_json(char_model_file, tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text("to be or not to be\n" * 20)
+    result = invoke("score", char_model_file, text)
+    assert result.exit_code == 0, result.output
+    assert "nats/char" in result.stdout and "perplexity" in result.stdout
+    data = json.loads(invoke("score", char_model_file, text, "--json").stdout)
+    assert data["tokens"] == 380 and data["bits_per_char"] > 0
+    one_line_error(invoke("score", char_model_file, tmp_path / "none.txt"), "data file not found")
+
+
+
+
+def test_train_then_export_then_generate(corpus_file, tmp_path):
+    pytest.importorskip("torch")
+    run = tmp_path / "run"
+    common = ["--hidden", "16", "--layers", "1", "--steps", "6", "--eval-every", "3", "--seq-len", "16",
+              "--batch-size", "4", "--threads", "1", "--sample-tokens", "10"]
+    result = invoke("train", corpus_file, "--out", run, *common)
+    assert result.exit_code == 0, result.output
+    assert "validation loss" in result.stdout and (run / "best.json").exists() and (run / "loss.png").exists()
+    again = invoke("train", corpus_file, "--out", run, *common)
+    one_line_error(again, "already exists and is not empty")
+    assert invoke("train", corpus_file, "--out", run, "--force", *common).exit_code == 0
+
+    out = tmp_path / "m.onnx"
+    result = invoke("export", run, "-o", out)
+    assert result.exit_code == 0, result.output
+    assert "onnx.checker: passed" in result.stdout and "max |diff| logits" in result.stdout
+    one_line_error(invoke("export", run, "-o", out), "already exists; use --force")
+    assert invoke("export", run, "-o", out, "--force").exit_code == 0
+    gen = invoke("generate", "-m", out, "-n", "20", "--seed", "0", "-q")
+    assert gen.exit_code == 0 and len(gen.stdout) == 21
+
+
+def test_train_resume_continues(corpus_file, tmp_path):
+    pytest.importorskip("torch")
+    run = tmp_path / "run"
+    common = ["--hidden", "16", "--layers", "1", "--eval-every", "3", "--seq-len", "16", "--batch-size", "4",
+              "--threads", "1", "--sample-tokens", "0"]
+    assert invoke("train", corpus_file, "--out", run, "--steps", "3", *common).exit_code == 0
+    result = invoke("train", corpus_file, "--resume", run, "--steps", "6")
+    assert result.exit_code == 0, result.output
+    assert "resuming" in result.stdout and json.loads((run / "last.json").read_text())["step"] == 6
+    other = tmp_path / "other.txt"
+    other.write_text(corpus_file.read_text() + "more text\n")
+    one_line_error(invoke("train", other, "--resume", run, "--steps", "9"), "resume with the same file")
+    one_line_error(invoke("train", corpus_file, "--resume", tmp_path / "nothing"), "no last.json")
+
+
+@pytest.mark.parametrize("setup,args,needle", [
+    (None, [], "data file not found"),
+    (b"", [], "data file is empty"),
+    (b"\x00\x01\x02binary", [], "looks binary"),
+    (b"short text\n", [], "corpus too short"),
+    (b"x" * 5000, ["--hidden", "0"], "hidden_size: 0"),
+    (b"x" * 5000, ["--seq-len", "-4"], "seq_len: -4"),
+    (b"x" * 5000, ["--cell", "transformer"], "cell: 'transformer'"),
+    (b"x" * 5000, ["--steps", "5", "--epochs", "1"], "either --steps or --epochs"),
+])
+def test_train_bad_input(tmp_path, setup, args, needle):
+    pytest.importorskip("torch")
+    data = tmp_path / "data.txt"
+    if setup is not None:
+        data.write_bytes(setup)
+    one_line_error(invoke("train", data, "--out", tmp_path / "run", *args), needle)
+
+
+def test_export_bad_checkpoint(tmp_path):
+    pytest.importorskip("torch")
+    one_line_error(invoke("export", tmp_path, "-o", tmp_path / "m.onnx"), "no checkpoint")
+    (tmp_path / "x.json").write_text("{}")
+    one_line_error(invoke("export", tmp_path / "x.json", "-o", tmp_path / "m.onnx"), "not an rnngen checkpoint")
+
+
+def run_cli(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "rnngen", *map(str, args)], capture_output=True, text=True, timeout=120, env=env)
+
+
+def test_commands_as_subprocesses(char_model_file, tmp_path):
+    assert run_cli("--version").stdout.strip() == f"rnngen {__version__}"
+    gen = run_cli("generate", "-m", char_model_file, "-p", "to", "-n", "25", "--seed", "4")
+    assert gen.returncode == 0 and gen.stdout.startswith("to") and len(gen.stdout) == 28
+    info = run_cli("info", char_model_file, "--json")
+    assert info.returncode == 0 and json.loads(info.stdout)["cell"] == "lstm"
+    (tmp_path / "t.txt").write_text("to be\n" * 10)
+    score = run_cli("score", char_model_file, tmp_path / "t.txt", "--json")
+    assert score.returncode == 0 and json.loads(score.stdout)["tokens"] == 60
+    bad = run_cli("generate", "-m", tmp_path / "t.txt")
+    assert bad.returncode == 1 and bad.stderr.startswith("error:") and "Traceback" not in bad.stderr
+
+
+BLOCK_TORCH = textwrap.dedent("""
+    import importlib.abc, sys
+    class NoTorch(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name == "torch" or name.startswith("torch."):
+                raise ModuleNotFoundError("No module named 'torch'", name="torch")
+    sys.meta_path.insert(0, NoTorch())
+    sys.argv = ["rnngen"] + sys.argv[1:]
+    from rnngen.cli import main
+    try:
+        main()
+    finally:
+        assert "torch" not in sys.modules
+""")
+
+
+def test_generate_info_score_work_without_torch(char_model_file, tmp_path):
+    """As in an environment where torch is not installed: any import of torch fails."""
+    script = tmp_path / "notorch.py"
+    script.write_text(BLOCK_TORCH)
+    (tmp_path / "t.txt").write_text("to be\n" * 10)
+    for args in (["generate", "-m", char_model_file, "-n", "30", "--seed", "2"],
+                 ["info", char_model_file], ["score", char_model_file, tmp_path / "t.txt"]):
+        proc = subprocess.run([sys.executable, str(script), *map(str, args)], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+    proc = subprocess.run([sys.executable, str(script), "train", str(tmp_path / "t.txt")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "torch" in proc.stderr
