@@ -206,3 +206,17 @@ def test_generate_info_score_work_without_torch(char_model_file, tmp_path):
         assert proc.returncode == 0, proc.stderr
     proc = subprocess.run([sys.executable, str(script), "train", str(tmp_path / "t.txt")], capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "torch" in proc.stderr
+
+
+def test_train_and_export_as_subprocesses(corpus_file, tmp_path):
+    pytest.importorskip("torch")
+    run = tmp_path / "run"
+    train = run_cli("train", corpus_file, "--out", run, "--hidden", "16", "--layers", "1", "--steps", "4",
+                    "--eval-every", "2", "--seq-len", "16", "--batch-size", "4", "--threads", "1", "--cell", "gru")
+    assert train.returncode == 0, train.stderr
+    assert "step 4: validation loss" in train.stdout and "done: 4 steps" in train.stdout
+    export = run_cli("export", run, "-o", tmp_path / "m.onnx")
+    assert export.returncode == 0, export.stderr
+    assert "parity onnxruntime vs PyTorch" in export.stdout
+    again = run_cli("export", run, "-o", tmp_path / "m.onnx")
+    assert again.returncode == 1 and "--force" in again.stderr
