@@ -143,38 +143,68 @@ def generate(
     temperature: float = typer.Option(0.8, "--temperature", "-t", help="Sampling temperature; 0 is greedy."),
     top_k: int = typer.Option(0, "--top-k", help="Sample from the k most likely tokens only (0: all)."),
     top_p: float = typer.Option(1.0, "--top-p", help="Sample from the smallest set reaching this probability (1: all)."),
+    min_p: float = typer.Option(0.0, "--min-p", help="Drop tokens below this fraction of the top token's probability."),
+    repetition_penalty: float = typer.Option(1.0, "--repetition-penalty", help="> 1 discourages tokens already in the text."),
+    presence_penalty: float = typer.Option(0.0, "--presence-penalty", help="Subtracted from logits of tokens generated so far."),
+    frequency_penalty: float = typer.Option(0.0, "--frequency-penalty", help="Subtracted per earlier occurrence of a token."),
+    no_repeat_ngram: int = typer.Option(0, "--no-repeat-ngram", help="Never repeat an n-gram of this size (0: off)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Random seed: the same seed gives the same text."),
     stop: Optional[List[str]] = typer.Option(None, "--stop", help="Stop before this string (repeatable)."),
+    samples: int = typer.Option(1, "--samples", help="Independent samples of the prompt, decoded as one batch."),
+    beams: int = typer.Option(1, "--beams", help="Beam search with this many beams (deterministic)."),
+    length_penalty: float = typer.Option(1.0, "--length-penalty", help="Beam score = log-probability / length ** this."),
+    early_stopping: bool = typer.Option(False, "--early-stopping", help="End beam search once --beams hypotheses finished."),
+    num_return: int = typer.Option(1, "--num-return", help="Beam search: how many best sequences to return."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     unknown: str = typer.Option("error", "--unknown", help="Prompt characters outside the vocabulary: error, replace or skip."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object: per sequence text, tokens, finish reason, score."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only the text, no statistics."),
 ) -> None:
     with user_errors():
-        from rnngen.generation import TextStream
+        from rnngen.generation import Generation
         from rnngen.runtime import RnnModel
         from rnngen.sampling import GenerationParams
 
         params = GenerationParams(
-            max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-            seed=seed, stop=tuple(stop or ()), on_unknown=unknown,
+            max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+            repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
+            frequency_penalty=frequency_penalty, no_repeat_ngram_size=no_repeat_ngram, seed=seed,
+            stop=tuple(stop or ()), on_unknown=unknown, n=samples, num_beams=beams, length_penalty=length_penalty,
+            early_stopping=early_stopping, num_return_sequences=num_return,
         )
         rnn = RnnModel.load(model, device=device)
-        stream = TextStream(rnn, prompt, params)
+        gen = Generation(rnn, prompt, params)
+        several = params.n > 1 or params.num_return_sequences > 1
         out = sys.stdout
-        out.write(prompt)
-        out.flush()
         start = time.perf_counter()
-        for piece in stream:
-            out.write(piece)
+        if as_json or several:
+            for _ in gen:
+                pass
+        else:  # one sequence: stream it as it is made
+            out.write(prompt)
             out.flush()
+            for chunk in gen:
+                out.write(chunk.text)
+                out.flush()
+            out.write("\n")
         elapsed = time.perf_counter() - start
-        out.write("\n")
+        result = gen.result
+        if as_json:
+            payload = {"model": str(model), "prompt": prompt, "prompt_tokens": result.prompt_tokens, "seed": gen.seed,
+                       "sequences": [s.to_dict() for s in result.sequences]}
+            out.write(json.dumps(payload, ensure_ascii=False, indent=2) + "\n")
+        elif several:
+            console = Console(highlight=False)
+            for s in result.sequences:
+                console.rule(f"sequence {s.index + 1} · {s.tokens} tokens · {s.finish_reason} · score {s.score:.3f}", style="dim")
+                out.write(prompt + s.text + "\n")
         out.flush()
-        if not quiet:
-            rate = stream.new_tokens / elapsed if elapsed > 0 else float("inf")
+        if not quiet and not as_json:
+            tokens = result.new_tokens
+            rate = tokens / elapsed if elapsed > 0 else float("inf")
             _stderr().print(
-                f"[dim]{stream.new_tokens} tokens in {elapsed:.2f} s ({rate:,.0f} tokens/s) on {rnn.device}, "
-                f"finish: {stream.finish_reason}[/]"
+                f"[dim]{tokens} tokens in {elapsed:.2f} s ({rate:,.0f} tokens/s) on {rnn.device}, "
+                f"finish: {', '.join(s.finish_reason for s in result.sequences)}[/]"
             )
 
 

@@ -1,118 +1,123 @@
-"""Streaming text generation: prefill the prompt in one call, then step token by token."""
+"""Generation from a prompt: samples or beam search, streamed or all at once.
+
+    gen = Generation(model, "ROMEO:", GenerationParams(n=2, seed=1))
+    for chunk in gen:                 # StreamChunk(index, text) as text is made
+        ...
+    gen.sequences                     # one SequenceResult per sample / returned beam
+
+Sampling decodes the n samples as rows of one batch in the decoding engine
+(the prompt is prefilled once and its state copied to every row). Beam search
+streams the text all beams already share, then each returned sequence's rest.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Iterator
 
-import numpy as np
-
+from rnngen.beam import BeamSearch
+from rnngen.engine import FINISH_LENGTH, FINISH_STOP, DecodeEngine, Row, resolve_seed, row_generator
 from rnngen.runtime import RnnModel
-from rnngen.sampling import GenerationParams, sample_token
+from rnngen.sampling import GenerationParams
 
-FINISH_LENGTH = "length"  # max_new_tokens reached
-FINISH_STOP = "stop"  # a stop string was generated
+__all__ = ["FINISH_LENGTH", "FINISH_STOP", "Generation", "GenerationResult", "SequenceResult", "StreamChunk",
+           "generate", "stream_text"]
 
 
-class StopStringFilter:
-    """Passes text through until a stop string appears; nothing from the stop string on gets out.
+@dataclass
+class StreamChunk:
+    index: int  # which sequence (sample or returned beam) the text belongs to
+    text: str
 
-    Text that could be the start of a stop string is held back until the next
-    chunk decides, so a stop string split across chunks is still caught.
-    """
 
-    def __init__(self, stops: tuple[str, ...]):
-        self.stops = stops
-        self.stopped = False
-        self._pending = ""
+@dataclass
+class SequenceResult:
+    index: int
+    text: str
+    tokens: int  # generated tokens
+    finish_reason: str  # "length" or "stop"
+    score: float  # samples: summed log-probability under the model; beams: the beam score
 
-    def push(self, text: str) -> str:
-        if self.stopped:
-            return ""
-        if not self.stops:
-            return text
-        buf = self._pending + text
-        hits = [i for i in (buf.find(s) for s in self.stops) if i >= 0]
-        if hits:
-            self.stopped = True
-            self._pending = ""
-            return buf[: min(hits)]
-        hold = 0  # longest end of buf that begins some stop string
-        for s in self.stops:
-            for n in range(min(len(s) - 1, len(buf)), hold, -1):
-                if buf.endswith(s[:n]):
-                    hold = n
-                    break
-        self._pending = buf[len(buf) - hold :] if hold else ""
-        return buf[: len(buf) - hold]
-
-    def flush(self) -> str:
-        out, self._pending = ("" if self.stopped else self._pending), ""
-        return out
+    def to_dict(self) -> dict:
+        return asdict(self)
 
 
 @dataclass
 class GenerationResult:
-    text: str
-    new_tokens: int
+    sequences: list[SequenceResult]
     prompt_tokens: int
-    finish_reason: str
+
+    @property
+    def text(self) -> str:
+        return self.sequences[0].text
+
+    @property
+    def finish_reason(self) -> str:
+        return self.sequences[0].finish_reason
+
+    @property
+    def new_tokens(self) -> int:
+        return sum(s.tokens for s in self.sequences)
 
 
-class TextStream:
-    """Iterate to receive text as it is generated; the result fields fill in as it runs."""
-
+class Generation:
     def __init__(self, model: RnnModel, prompt: str, params: GenerationParams):
         params.check_for_vocab(model.config.vocab_size)
-        self.model = model
-        self.params = params
+        self.model, self.params = model, params
         tokenizer = model.tokenizer
-        # Encoding checks the prompt before any work (unknown characters are an error by default).
-        ids = tokenizer.encode(prompt, on_unknown=params.on_unknown)
+        ids = tokenizer.encode(prompt, on_unknown=params.on_unknown)  # checks the prompt before any work
         # An empty prompt starts the model the way texts start: after a newline (not shown).
         self.prompt_ids = ids if ids else tokenizer.start_ids()
         self.prompt_tokens = len(ids)
-        self.new_tokens = 0
-        self.finish_reason: str | None = None
-        self.text = ""
+        self.seed = resolve_seed(params.seed)
+        self.sequences: list[SequenceResult] = []
 
-    def __iter__(self) -> Iterator[str]:
-        for piece in self._pieces():
-            self.text += piece
-            yield piece
+    def __iter__(self) -> Iterator[StreamChunk]:
+        if self.params.beam_search:
+            yield from self._beams()
+        else:
+            yield from self._samples()
 
-    def _pieces(self) -> Iterator[str]:
-        model, params = self.model, self.params
-        rng = np.random.default_rng(params.seed)
-        decoder = model.tokenizer.stream_decoder()
-        stops = StopStringFilter(params.stop)
-        prompt = np.asarray([self.prompt_ids], dtype=np.int64)  # (1, T)
-        logits, state = model.run(prompt, model.initial_state(1))  # the whole prompt, one call
-        last = logits[0, -1]
-        step_input = np.zeros((1, 1), dtype=np.int64)
-        while True:
-            token = sample_token(last, params, rng)
-            self.new_tokens += 1
-            out = stops.push(decoder.push(token))
-            if out:
-                yield out
-            if stops.stopped:
-                self.finish_reason = FINISH_STOP
-                return
-            if self.new_tokens >= params.max_new_tokens:
-                break
-            step_input[0, 0] = token
-            logits, state = model.run(step_input, state)
-            last = logits[0, -1]
-        out = stops.push(decoder.flush())
-        out += stops.flush()
-        if out:
-            yield out
-        self.finish_reason = FINISH_STOP if stops.stopped else FINISH_LENGTH
+    @property
+    def result(self) -> GenerationResult:
+        return GenerationResult(self.sequences, self.prompt_tokens)
+
+    def _samples(self) -> Iterator[StreamChunk]:
+        engine = DecodeEngine(self.model)
+        logits, state = engine.prefill(self.prompt_ids)
+        n = self.params.n
+        rows = [Row(self.params, row_generator(self.seed, i), self.model.tokenizer.stream_decoder(),
+                    list(self.prompt_ids), tag=i) for i in range(n)]
+        engine.add(rows, logits[[0] * n], state.select([0] * n))  # one prefill, n copies of its state
+        while len(engine):
+            for update in engine.step():
+                if update.text:
+                    yield StreamChunk(update.row.tag, update.text)
+        self.sequences = [SequenceResult(r.tag, r.text, len(r.generated), r.finish_reason, r.logprob) for r in rows]
+
+    def _beams(self) -> Iterator[StreamChunk]:
+        search = BeamSearch(self.model, self.prompt_ids, self.params)
+        returned = self.params.num_return_sequences
+        for delta in search:
+            for i in range(returned):
+                yield StreamChunk(i, delta)
+        self.sequences = []
+        for i, hyp in enumerate(search.results):
+            rest = hyp.text[len(search.emitted) :]
+            if rest:
+                yield StreamChunk(i, rest)
+            self.sequences.append(SequenceResult(i, hyp.text, len(hyp.tokens), hyp.finish_reason, hyp.score))
 
 
 def generate(model: RnnModel, prompt: str, params: GenerationParams) -> GenerationResult:
-    stream = TextStream(model, prompt, params)
-    for _ in stream:
+    gen = Generation(model, prompt, params)
+    for _ in gen:
         pass
-    return GenerationResult(stream.text, stream.new_tokens, stream.prompt_tokens, stream.finish_reason or FINISH_LENGTH)
+    return gen.result
+
+
+def stream_text(model: RnnModel, prompt: str, params: GenerationParams) -> Iterator[str]:
+    """The text of the first sequence as it is generated (the common case: one sample)."""
+    for chunk in Generation(model, prompt, params):
+        if chunk.index == 0:
+            yield chunk.text

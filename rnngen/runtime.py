@@ -16,6 +16,7 @@ import numpy as np
 from rnngen.errors import DeviceError, InvalidParameterError, ModelFormatError
 from rnngen.modelfile import ModelFile, read_model_file
 from rnngen.onnx_graph import LOGITS, TOKENS, state_output_name
+from rnngen.step_graph import derive_step_model
 
 DEVICES = ("auto", "cpu", "cuda")
 CPU_PROVIDER = "CPUExecutionProvider"
@@ -116,6 +117,9 @@ class RnnModel:
         except Exception as exc:  # onnxruntime raises its own exception types
             raise ModelFormatError(f"{model_file.path}: onnxruntime cannot load the graph: {exc}") from None
         self.providers = self.session.get_providers()
+        # Decoding steps go through the loop-free step graph derived from the same file.
+        step_proto = derive_step_model(_full_proto(model_file))
+        self.step_session = ort.InferenceSession(step_proto.SerializeToString(), sess_options=so, providers=self.providers)
         if device == "cuda" and CUDA_PROVIDER not in self.providers:
             raise DeviceError("--device cuda: onnxruntime did not enable the CUDA provider for this model")
 
@@ -137,3 +141,19 @@ class RnnModel:
         feeds.update(state)
         logits, *new_state = self.session.run(self._outputs, feeds)
         return logits, dict(zip(self.state_names, new_state))
+
+    def step(self, tokens: np.ndarray, state: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """One decoding step for a batch: tokens (B,) → logits (B, V) and the next state."""
+        feeds = {TOKENS: tokens.reshape(-1, 1)}
+        feeds.update(state)
+        logits, *new_state = self.step_session.run(self._outputs, feeds)
+        return logits[:, 0], dict(zip(self.state_names, new_state))
+
+
+def _full_proto(model_file: ModelFile):
+    """The ModelProto with any external weights read in (their location was checked on load)."""
+    import onnx
+
+    if model_file.has_external_data:
+        return onnx.load(str(model_file.path), load_external_data=True)
+    return onnx.ModelProto.FromString(model_file.model_bytes)

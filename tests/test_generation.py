@@ -1,53 +1,18 @@
-"""Sampling, stop strings and streaming generation on real onnxruntime sessions. No torch."""
-
-import math
+"""Generation from a prompt on real onnxruntime sessions: samples, stop strings, streaming. No torch."""
 
 import numpy as np
 import pytest
 
+from rnngen.engine import StopStringFilter
 from rnngen.errors import InvalidParameterError, TokenizerError
-from rnngen.generation import StopStringFilter, TextStream, generate
+from rnngen.generation import Generation, generate, stream_text
 from rnngen.runtime import RnnModel
-from rnngen.sampling import GenerationParams, next_token_distribution, sample_token
+from rnngen.sampling import GenerationParams
 
 
-def probs(logits, **kw):
-    return next_token_distribution(np.array(logits, dtype=np.float32), GenerationParams(**kw))
-
-
-def test_temperature_scales_logits():
-    logits = [1.0, 2.0, 3.0]
-    p = probs(logits, temperature=0.5)
-    e = np.exp(np.array(logits) / 0.5)
-    np.testing.assert_allclose(p, e / e.sum())
-
-
-def test_top_k_keeps_the_k_largest():
-    p = probs([0.0, 3.0, 1.0, 2.0], temperature=1.0, top_k=2)
-    e = np.exp([3.0, 2.0])
-    np.testing.assert_allclose(p, [0, e[0] / e.sum(), 0, e[1] / e.sum()])
-
-
-def test_top_p_keeps_smallest_set_reaching_p():
-    base = np.log([0.5, 0.3, 0.15, 0.05])
-    np.testing.assert_allclose(probs(base, temperature=1.0, top_p=0.7), [0.5 / 0.8, 0.3 / 0.8, 0, 0], atol=1e-12)
-    np.testing.assert_allclose(probs(base, temperature=1.0, top_p=0.8), [0.5 / 0.8, 0.3 / 0.8, 0, 0], atol=1e-6)
-    np.testing.assert_allclose(probs(base, temperature=1.0, top_p=0.1), [1, 0, 0, 0], atol=1e-12)
-
-
-def test_top_k_then_top_p_in_that_order():
-    base = np.log([0.4, 0.3, 0.2, 0.1])
-    # top-k 3 renormalises to 4/9, 3/9, 2/9; top-p 0.7 then keeps the first two (7/9 >= 0.7).
-    np.testing.assert_allclose(probs(base, temperature=1.0, top_k=3, top_p=0.7), [4 / 7, 3 / 7, 0, 0], atol=1e-6)
-
-
-def test_greedy_is_argmax_and_sampling_follows_probabilities():
-    rng = np.random.default_rng(0)
-    logits = np.array([0.1, 2.0, 0.3], dtype=np.float32)
-    assert sample_token(logits, GenerationParams(temperature=0), rng) == 1
-    params = GenerationParams(temperature=1.0)
-    counts = np.bincount([sample_token(logits, params, rng) for _ in range(6000)], minlength=3) / 6000
-    np.testing.assert_allclose(counts, next_token_distribution(logits, params), atol=0.03)
+@pytest.fixture
+def rnn(char_model_file):
+    return RnnModel.load(char_model_file, device="cpu")
 
 
 @pytest.mark.parametrize("field,value,needle", [
@@ -57,15 +22,32 @@ def test_greedy_is_argmax_and_sampling_follows_probabilities():
     ("top_p", 0.0, "top_p: 0.0 is outside (0, 1]"),
     ("top_p", 1.5, "top_p: 1.5"),
     ("top_k", -1, "top_k: -1 is not an integer"),
+    ("min_p", 2.0, "min_p: 2.0 is not a finite number in [0.0, 1.0]"),
+    ("repetition_penalty", 0.0, "repetition_penalty: 0.0 is outside (0, 10]"),
+    ("presence_penalty", 3.0, "presence_penalty: 3.0 is not a finite number in [-2.0, 2.0]"),
+    ("frequency_penalty", float("-inf"), "frequency_penalty: -inf"),
+    ("no_repeat_ngram_size", -1, "no_repeat_ngram_size: -1"),
     ("max_new_tokens", 0, "max_new_tokens: 0 is not an integer in [1, 100000000]"),
+    ("max_new_tokens", 2.5, "max_new_tokens: 2.5"),
     ("seed", -5, "seed: -5"),
     ("stop", ("",), "stop: '' is not a non-empty string"),
+    ("stop", tuple("abcdefghijklmnopq"), "stop: 17 strings given, at most 16"),
     ("on_unknown", "drop", "on_unknown: 'drop'"),
+    ("n", 0, "n: 0 is not an integer in [1, 256]"),
+    ("num_beams", 65, "num_beams: 65 is not an integer in [1, 64]"),
+    ("length_penalty", float("nan"), "length_penalty: nan"),
+    ("early_stopping", "yes", "early_stopping: 'yes' is not true or false"),
+    ("num_return_sequences", 2, "num_return_sequences: 2 is more than num_beams (1); for several samples use n"),
 ])
 def test_invalid_generation_parameters(field, value, needle):
     with pytest.raises(InvalidParameterError) as err:
         GenerationParams(**{field: value})
     assert needle in str(err.value)
+
+
+def test_samples_and_beams_do_not_mix():
+    with pytest.raises(InvalidParameterError, match="cannot be combined with beam search"):
+        GenerationParams(n=2, num_beams=3)
 
 
 def feed(filter_, chunks):
@@ -96,8 +78,7 @@ def test_partial_match_that_fails_is_released():
     assert not f.stopped
 
 
-def test_generation_is_deterministic_per_seed(char_model_file):
-    rnn = RnnModel.load(char_model_file, device="cpu")
+def test_generation_is_deterministic_per_seed(rnn):
     a = generate(rnn, "the ", GenerationParams(max_new_tokens=60, seed=7))
     b = generate(rnn, "the ", GenerationParams(max_new_tokens=60, seed=7))
     c = generate(rnn, "the ", GenerationParams(max_new_tokens=60, seed=8))
@@ -106,68 +87,73 @@ def test_generation_is_deterministic_per_seed(char_model_file):
     assert a.finish_reason == "length" and a.new_tokens == 60 and a.prompt_tokens == 4
 
 
-def test_prompt_is_one_call_then_one_step_per_token(char_model_file):
-    rnn = RnnModel.load(char_model_file, device="cpu")
+def test_prompt_is_one_loop_call_then_one_step_per_token(rnn):
     calls = []
-    real_run = rnn.run
-
-    def counting(tokens, state):
-        calls.append(tokens.shape)
-        return real_run(tokens, state)
-    rnn.run = counting
+    real_run, real_step = rnn.run, rnn.step
+    rnn.run = lambda tokens, state: calls.append(("run", tokens.shape)) or real_run(tokens, state)
+    rnn.step = lambda tokens, state: calls.append(("step", tokens.shape)) or real_step(tokens, state)
     generate(rnn, "to be or not", GenerationParams(max_new_tokens=10, seed=1))
-    assert calls == [(1, 12)] + [(1, 1)] * 9  # no model call after the last token
+    assert calls == [("run", (1, 12))] + [("step", (1,))] * 9  # no model call after the last token
 
 
-def test_greedy_generation_follows_the_argmax_path(char_model_file):
-    rnn = RnnModel.load(char_model_file, device="cpu")
+def test_greedy_generation_follows_the_argmax_path(rnn):
     result = generate(rnn, "a", GenerationParams(max_new_tokens=8, temperature=0))
     ids = rnn.tokenizer.encode("a")
-    state = rnn.initial_state(1)
+    logits, state = rnn.run(np.array([ids]), rnn.initial_state(1))
     expected = []
     for _ in range(8):
-        logits, state = rnn.run(np.array([ids[-1:]] if expected else [ids]), state)
-        ids.append(int(np.argmax(logits[0, -1])))
-        expected.append(ids[-1])
+        expected.append(int(np.argmax(logits[0, -1])))
+        logits, state = rnn.run(np.array([[expected[-1]]]), state)
     assert result.text == rnn.tokenizer.decode(expected)
 
 
-def test_stop_string_ends_generation(char_model_file):
-    rnn = RnnModel.load(char_model_file, device="cpu")
+def test_stop_string_ends_generation(rnn):
     free = generate(rnn, "", GenerationParams(max_new_tokens=200, seed=3)).text
     stop = free[20:22]
     cut = free.index(stop)
     result = generate(rnn, "", GenerationParams(max_new_tokens=200, seed=3, stop=(stop,)))
     assert result.text == free[:cut]
     assert result.finish_reason == "stop"
+    assert result.sequences[0].tokens == cut + len(stop)
 
 
-def test_unknown_prompt_characters(char_model_file):
-    rnn = RnnModel.load(char_model_file, device="cpu")
+def test_several_samples_each_returned_and_reproducible(rnn):
+    params = GenerationParams(max_new_tokens=40, seed=5, n=3)
+    result = generate(rnn, "the ", params)
+    assert [s.index for s in result.sequences] == [0, 1, 2]
+    assert len({s.text for s in result.sequences}) == 3
+    assert all(s.tokens == 40 and s.score < 0 for s in result.sequences)
+    # Sample 0 of n = 3 is the same text as the single sample with that seed.
+    assert generate(rnn, "the ", GenerationParams(max_new_tokens=40, seed=5)).text == result.sequences[0].text
+
+
+def test_stream_chunks_add_up_to_each_sequence(rnn):
+    gen = Generation(rnn, "the ", GenerationParams(max_new_tokens=50, seed=2, n=2, stop=("e t",)))
+    texts = {0: "", 1: ""}
+    for chunk in gen:
+        texts[chunk.index] += chunk.text
+    assert texts == {s.index: s.text for s in gen.sequences}
+    assert "".join(stream_text(rnn, "the ", GenerationParams(max_new_tokens=50, seed=2, n=2, stop=("e t",)))) == texts[0]
+
+
+def test_unknown_prompt_characters(rnn):
     with pytest.raises(TokenizerError, match="'Z'"):
-        TextStream(rnn, "Zebra", GenerationParams(max_new_tokens=5))
+        Generation(rnn, "Zebra", GenerationParams(max_new_tokens=5))
     result = generate(rnn, "Zebra", GenerationParams(max_new_tokens=5, on_unknown="replace", seed=0))
     assert result.prompt_tokens == 5 and result.new_tokens == 5
 
 
-def test_top_k_larger_than_vocab_is_refused(char_model_file):
-    rnn = RnnModel.load(char_model_file, device="cpu")
+def test_top_k_larger_than_vocab_is_refused(rnn):
     with pytest.raises(InvalidParameterError, match="larger than the model's vocabulary"):
-        TextStream(rnn, "a", GenerationParams(top_k=10_000))
+        Generation(rnn, "a", GenerationParams(top_k=10_000))
 
 
 def test_byte_model_streams_only_whole_characters(byte_model_file):
     rnn = RnnModel.load(byte_model_file, device="cpu")
-    stream = TextStream(rnn, "héllo 東京", GenerationParams(max_new_tokens=300, seed=11, temperature=1.5))
-    pieces = list(stream)
-    ids = []
-    # Re-run the same seed recording ids, then check the pieces decode exactly as the bytes do.
-    rng = np.random.default_rng(11)
-    logits, state = rnn.run(np.array([rnn.tokenizer.encode("héllo 東京")]), rnn.initial_state(1))
-    for i in range(300):
-        ids.append(sample_token(logits[0, -1], stream.params, rng))
-        if i < 299:
-            logits, state = rnn.run(np.array([[ids[-1]]]), state)
-    assert "".join(pieces) == bytes(ids).decode("utf-8", errors="replace")
+    gen = Generation(rnn, "héllo 東京", GenerationParams(max_new_tokens=400, seed=11, temperature=1.5))
+    pieces = [c.text for c in gen]
+    assert "".join(pieces) == gen.sequences[0].text
     for piece in pieces:
-        piece.encode("utf-8")  # every piece is valid text on its own (no surrogates, no half characters)
+        piece.encode("utf-8")  # each piece is valid text on its own: no half characters, no surrogates
+    multi_byte = [ch for ch in gen.sequences[0].text if len(ch.encode("utf-8")) > 1]
+    assert multi_byte, "the test should see some multi-byte output from a random byte model"

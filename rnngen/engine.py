@@ -1,0 +1,303 @@
+"""The decoding engine: many sequences decoded together as rows of one batched state.
+
+An RNN's state is a fixed-size (layers, batch, hidden) tensor per state name,
+so every batch operation is a gather along the batch axis: rows join
+(concatenate), leave (select the others), are copied (select one twice) and
+reordered (select in a new order) between two steps, and the other rows do
+not notice. Continuous batching in a server and beam search both rest on that.
+
+A step: choose one token for every row from the logits it holds (each row with
+its own parameters and random generator), record the text it adds, let
+finished rows leave, then run the model once for all remaining rows.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import secrets
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from rnngen.errors import InvalidParameterError
+from rnngen.processors import RowParams, apply_penalties, banned_by_ngrams, draw, filtered_probs
+from rnngen.runtime import RnnModel
+from rnngen.sampling import GenerationParams
+from rnngen.tokenizers import StreamDecoder
+
+FINISH_LENGTH = "length"  # max_new_tokens reached
+FINISH_STOP = "stop"  # a stop string was generated
+FINISH_CANCELLED = "cancelled"  # the caller removed the row
+
+
+class BatchState:
+    """The recurrent state of a batch: one (layers, batch, hidden) array per state name."""
+
+    def __init__(self, arrays: dict[str, np.ndarray]):
+        self.arrays = arrays
+
+    @classmethod
+    def zeros(cls, model: RnnModel, batch: int) -> "BatchState":
+        return cls(model.initial_state(batch))
+
+    @property
+    def size(self) -> int:
+        return next(iter(self.arrays.values())).shape[1]
+
+    def select(self, indices) -> "BatchState":
+        """Rows in the given order: drops, copies and reorders in one gather."""
+        idx = np.asarray(indices, dtype=np.int64)
+        return BatchState({k: np.ascontiguousarray(v[:, idx]) for k, v in self.arrays.items()})
+
+    @staticmethod
+    def concat(states: list["BatchState"]) -> "BatchState":
+        keys = states[0].arrays.keys()
+        return BatchState({k: np.concatenate([s.arrays[k] for s in states], axis=1) for k in keys})
+
+
+def resolve_seed(seed: int | None) -> int:
+    return secrets.randbits(63) if seed is None else seed
+
+
+def row_generator(seed: int, index: int) -> np.random.Generator:
+    """Sample `index` of a request draws from its own stream: the same text alone or in any batch."""
+    return np.random.default_rng([seed, index])
+
+
+class StopStringFilter:
+    """Passes text through until a stop string appears; nothing from the stop string on gets out.
+
+    Text that could be the start of a stop string is held back until the next
+    chunk decides, so a stop string split across chunks is still caught.
+    """
+
+    def __init__(self, stops: tuple[str, ...]):
+        self.stops = stops
+        self.stopped = False
+        self._pending = ""
+
+    def push(self, text: str) -> str:
+        if self.stopped:
+            return ""
+        if not self.stops:
+            return text
+        buf = self._pending + text
+        hits = [i for i in (buf.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            self.stopped = True
+            self._pending = ""
+            return buf[: min(hits)]
+        hold = 0  # longest end of buf that begins some stop string
+        for s in self.stops:
+            for n in range(min(len(s) - 1, len(buf)), hold, -1):
+                if buf.endswith(s[:n]):
+                    hold = n
+                    break
+        self._pending = buf[len(buf) - hold :] if hold else ""
+        return buf[: len(buf) - hold]
+
+    def flush(self) -> str:
+        out, self._pending = ("" if self.stopped else self._pending), ""
+        return out
+
+
+_row_ids = itertools.count()
+
+
+@dataclass
+class Row:
+    """One sequence being decoded: its parameters, random generator and the text it has made."""
+
+    params: GenerationParams
+    rng: np.random.Generator
+    decoder: StreamDecoder
+    history: list[int]  # prompt and generated tokens (what penalties and n-gram bans look at)
+    tag: object = None  # the caller's label, e.g. (request, sample index)
+    generated: list[int] = field(default_factory=list)
+    text: str = ""
+    logprob: float = 0.0  # sum of the model's log-probabilities of the generated tokens
+    finish_reason: str | None = None
+    stops: StopStringFilter = None  # type: ignore[assignment]
+    row_id: int = field(default_factory=lambda: next(_row_ids))
+
+    def __post_init__(self) -> None:
+        if self.stops is None:
+            self.stops = StopStringFilter(self.params.stop)
+
+    def clone(self, tag: object = None) -> "Row":
+        twin = copy.deepcopy(self)
+        twin.row_id = next(_row_ids)
+        twin.tag = tag if tag is not None else self.tag
+        return twin
+
+
+@dataclass
+class RowUpdate:
+    """What one step did to one row: the text it added (may be empty) and whether it finished."""
+
+    row: Row
+    token: int
+    text: str
+    finished: bool
+
+
+class DecodeEngine:
+    """Rows of one batched state, stepped together with one model call per step."""
+
+    def __init__(self, model: RnnModel):
+        self.model = model
+        self.rows: list[Row] = []
+        self.state: BatchState | None = None
+        self.logits: np.ndarray | None = None  # (B, V) float32: next-token logits of each row
+        self._dirty = True  # membership changed: per-row parameter arrays need rebuilding
+        self._rp: RowParams | None = None
+        self._seen: np.ndarray | None = None  # (B, V) bool, for the repetition penalty
+        self._counts: np.ndarray | None = None  # (B, V) int32, for presence/frequency penalties
+        self._any_greedy = self._all_greedy = False
+        self._needs_penalties = self._needs_ngrams = False
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    # -- membership ------------------------------------------------------------------------
+
+    def prefill(self, prompt_ids: list[int]) -> tuple[np.ndarray, BatchState]:
+        """The prompt through the Loop graph in one call: next-token logits (1, V) and the state after it."""
+        if not prompt_ids:
+            raise InvalidParameterError("prompt: no tokens to start from")
+        logits, state = self.model.run(np.asarray([prompt_ids], dtype=np.int64), self.model.initial_state(1))
+        return logits[:, -1], BatchState(state)
+
+    def add(self, rows: list[Row], logits: np.ndarray, state: BatchState) -> None:
+        """New rows join at the next step; `logits` (k, V) and `state` hold their k rows."""
+        if len(rows) != logits.shape[0] or len(rows) != state.size:
+            raise ValueError("rows, logits and state must have the same number of rows")
+        for row in rows:
+            row.params.check_for_vocab(self.model.config.vocab_size)
+        if self.state is None or not self.rows:
+            self.rows, self.logits, self.state = list(rows), np.array(logits, dtype=np.float32), state
+        else:
+            self.rows = self.rows + list(rows)
+            self.logits = np.concatenate([self.logits, logits.astype(np.float32)])
+            self.state = BatchState.concat([self.state, state])
+        self._dirty = True
+
+    def select(self, indices: list[int], rows: list[Row] | None = None) -> None:
+        """Keep rows by index, in this order: drop, copy (an index twice) or reorder.
+
+        Rows given in `rows` replace the kept ones (a copied row must be a clone, not the same object).
+        """
+        indices = list(indices)
+        self.rows = rows if rows is not None else [self.rows[i] for i in indices]
+        if len({id(r) for r in self.rows}) != len(self.rows):
+            raise ValueError("a copied row must be a Row.clone(), not the same object twice")
+        if indices:
+            self.logits = self.logits[indices]
+            self.state = self.state.select(indices)
+        else:
+            self.logits, self.state = None, None
+        self._dirty = True
+
+    def remove(self, row: Row, reason: str = FINISH_CANCELLED) -> None:
+        """A row leaves now (a cancelled stream); the others go on untouched."""
+        index = next(i for i, r in enumerate(self.rows) if r is row)
+        row.finish_reason = row.finish_reason or reason
+        self.select([i for i in range(len(self.rows)) if i != index])
+
+    # -- one step ---------------------------------------------------------------------------
+
+    def step(self) -> list[RowUpdate]:
+        """Pick a token for every row, record its text, drop finished rows, run the model once."""
+        if not self.rows:
+            return []
+        if self._dirty:
+            self._rebuild()
+        tokens, logprobs = self._choose_tokens()
+        updates = []
+        keep = []
+        for i, (row, token) in enumerate(zip(self.rows, tokens.tolist())):
+            row.generated.append(token)
+            row.history.append(token)
+            row.logprob += float(logprobs[i])
+            text = row.stops.push(row.decoder.push(token))
+            if row.stops.stopped:
+                row.finish_reason = FINISH_STOP
+            elif len(row.generated) >= row.params.max_new_tokens:
+                text += row.stops.push(row.decoder.flush())
+                text += row.stops.flush()
+                row.finish_reason = FINISH_STOP if row.stops.stopped else FINISH_LENGTH
+            else:
+                keep.append(i)
+            row.text += text
+            updates.append(RowUpdate(row, token, text, row.finish_reason is not None))
+        if self._seen is not None:
+            self._seen[np.arange(len(tokens)), tokens] = True
+        if self._counts is not None:
+            self._counts[np.arange(len(tokens)), tokens] += 1
+        if len(keep) < len(self.rows):
+            self.select(keep)
+            tokens = tokens[keep]
+            if self._seen is not None or self._counts is not None:
+                self._rebuild()  # cheap relative to a step, and keeps the arrays aligned with the rows
+        if self.rows:
+            self.logits, new_state = self.model.step(tokens, self.state.arrays)
+            self.state = BatchState(new_state)
+        return updates
+
+    def _rebuild(self) -> None:
+        params = [r.params for r in self.rows]
+        self._rp = RowParams.from_params(params)
+        rp = self._rp
+        greedy = rp.temperature == 0.0
+        self._any_greedy, self._all_greedy = bool(greedy.any()), bool(greedy.all())
+        self._needs_ngrams = bool((rp.no_repeat_ngram.astype(bool)).any())
+        vocab = self.model.config.vocab_size
+        if np.any(rp.repetition != 1.0):
+            self._seen = np.zeros((len(self.rows), vocab), dtype=bool)
+            for i, r in enumerate(self.rows):
+                self._seen[i, r.history] = True
+        else:
+            self._seen = None
+        if np.any(rp.presence != 0.0) or np.any(rp.frequency != 0.0):
+            self._counts = np.zeros((len(self.rows), vocab), dtype=np.int32)
+            for i, r in enumerate(self.rows):
+                np.add.at(self._counts[i], r.generated, 1)
+        else:
+            self._counts = None
+        self._needs_penalties = self._seen is not None or self._counts is not None
+        self._dirty = False
+
+    def _choose_tokens(self) -> tuple[np.ndarray, np.ndarray]:
+        """Tokens (B,) and their log-probabilities under the model (before any processing)."""
+        raw = self.logits.astype(np.float64)
+        peak = raw.max(axis=1, keepdims=True)
+        log_z = peak[:, 0] + np.log(np.exp(raw - peak).sum(axis=1))
+        x = raw
+        rp = self._rp
+        if self._needs_penalties:
+            x = apply_penalties(x, rp, self._seen, self._counts)
+        if self._needs_ngrams:
+            x = x.copy() if x is raw else x
+            for i, row in enumerate(self.rows):
+                banned = banned_by_ngrams(row.history, row.params.no_repeat_ngram_size)
+                if banned:
+                    x[i, banned] = -np.inf
+        if self._all_greedy:
+            tokens = x.argmax(axis=1)
+        else:
+            sampling = rp if not self._any_greedy else _with_unit_temperature_for_greedy(rp)
+            probs = filtered_probs(x, sampling)
+            uniforms = np.fromiter((row.rng.random() for row in self.rows), dtype=np.float64, count=len(self.rows))
+            tokens = draw(probs, uniforms)
+            if self._any_greedy:
+                greedy = rp.temperature == 0.0
+                tokens = np.where(greedy, x.argmax(axis=1), tokens)
+        logprobs = raw[np.arange(len(tokens)), tokens] - log_z
+        return tokens, logprobs
+
+
+def _with_unit_temperature_for_greedy(rp: RowParams) -> RowParams:
+    """Greedy rows ride along the sampling arithmetic with temperature 1; their draw is then replaced by argmax."""
+    return RowParams(np.where(rp.temperature == 0.0, 1.0, rp.temperature), rp.top_k, rp.top_p, rp.min_p,
+                     rp.repetition, rp.presence, rp.frequency, rp.no_repeat_ngram)

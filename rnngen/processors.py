@@ -1,0 +1,108 @@
+"""Logits processors over a batch of rows, each row with its own parameters.
+
+Applied in a fixed order, each only when some row in the batch needs it:
+  1. repetition penalty (CTRL): logits of tokens already in the row's text are
+     divided by the penalty when positive, multiplied when negative;
+  2. presence and frequency penalties (OpenAI): logit -= presence * [count > 0]
+     + frequency * count, counting generated tokens;
+  3. no-repeat n-gram: tokens that would repeat an n-gram of the row's text are banned;
+  4. temperature (rows with temperature 0 are greedy and skip 4-7);
+  5. top-k; 6. top-p (nucleus); 7. min-p (keep p >= min_p * max p).
+Then one token per row: argmax for greedy rows, otherwise an inverse-CDF draw
+with the row's own random generator, so a row samples the same text alone or
+among any other rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+NEG_INF = -np.inf
+
+
+@dataclass
+class RowParams:
+    """Per-row sampling parameters as arrays, one entry per row (built once per batch change)."""
+
+    temperature: np.ndarray  # (B,) float64
+    top_k: np.ndarray  # (B,) int, 0 = off
+    top_p: np.ndarray  # (B,) float64, 1 = off
+    min_p: np.ndarray  # (B,) float64, 0 = off
+    repetition: np.ndarray  # (B,) float64, 1 = off
+    presence: np.ndarray  # (B,) float64, 0 = off
+    frequency: np.ndarray  # (B,) float64, 0 = off
+    no_repeat_ngram: np.ndarray  # (B,) int, 0 = off
+
+    @classmethod
+    def from_params(cls, params: list) -> "RowParams":
+        def arr(name, dtype):
+            return np.array([getattr(p, name) for p in params], dtype=dtype)
+
+        return cls(arr("temperature", np.float64), arr("top_k", np.int64), arr("top_p", np.float64),
+                   arr("min_p", np.float64), arr("repetition_penalty", np.float64),
+                   arr("presence_penalty", np.float64), arr("frequency_penalty", np.float64),
+                   arr("no_repeat_ngram_size", np.int64))
+
+
+def apply_penalties(logits: np.ndarray, rp: RowParams, seen: np.ndarray | None, counts: np.ndarray | None) -> np.ndarray:
+    """Steps 1-2 on float64 logits (B, V); `seen` (B, V) bool: in prompt or output; `counts` (B, V): output counts."""
+    if seen is not None and np.any(rp.repetition != 1.0):
+        pen = rp.repetition[:, None]
+        penalised = np.where(logits > 0, logits / pen, logits * pen)
+        logits = np.where(seen, penalised, logits)
+    if counts is not None and (np.any(rp.presence != 0.0) or np.any(rp.frequency != 0.0)):
+        logits = logits - rp.presence[:, None] * (counts > 0) - rp.frequency[:, None] * counts
+    return logits
+
+
+def banned_by_ngrams(history: list[int], n: int) -> list[int]:
+    """Tokens that would complete an n-gram already present in `history` (HF's no_repeat_ngram_size)."""
+    if n <= 0 or len(history) < n:
+        return []
+    prefix = tuple(history[len(history) - n + 1 :]) if n > 1 else ()
+    banned = []
+    for i in range(len(history) - n + 1):
+        if tuple(history[i : i + n - 1]) == prefix:
+            banned.append(history[i + n - 1])
+    return banned
+
+
+def filtered_probs(logits: np.ndarray, rp: RowParams) -> np.ndarray:
+    """Steps 4-7 for sampling rows: probabilities (B, V) in float64, each row summing to 1."""
+    x = logits / rp.temperature[:, None]
+    vocab = x.shape[1]
+    k = rp.top_k
+    active = (k > 0) & (k < vocab)
+    if np.any(active):
+        # Descending order is right at every k in use, so each row reads its own k-th largest logit.
+        ranked = -np.partition(-x, np.unique(k[active] - 1), axis=1)
+        kth = ranked[np.arange(len(k)), np.clip(k - 1, 0, vocab - 1)]
+        thresh = np.where(active, kth, NEG_INF)
+        x = np.where(x >= thresh[:, None], x, NEG_INF)
+    x = x - x.max(axis=1, keepdims=True)
+    probs = np.exp(x)
+    probs /= probs.sum(axis=1, keepdims=True)
+    if np.any(rp.top_p < 1.0):
+        order = np.argsort(-probs, axis=1, kind="stable")
+        sorted_p = np.take_along_axis(probs, order, axis=1)
+        before = np.cumsum(sorted_p, axis=1) - sorted_p  # mass of the tokens ranked above each token
+        keep_sorted = before < rp.top_p[:, None]  # the smallest prefix whose mass reaches top_p
+        keep = np.zeros_like(keep_sorted)
+        np.put_along_axis(keep, order, keep_sorted, axis=1)
+        probs = np.where(keep, probs, 0.0)
+        probs /= probs.sum(axis=1, keepdims=True)
+    if np.any(rp.min_p > 0.0):
+        floor = rp.min_p[:, None] * probs.max(axis=1, keepdims=True)
+        probs = np.where(probs >= floor, probs, 0.0)
+        probs /= probs.sum(axis=1, keepdims=True)
+    return probs
+
+
+def draw(probs: np.ndarray, uniforms: np.ndarray) -> np.ndarray:
+    """Inverse-CDF sampling: one token per row from probs (B, V) with uniforms (B,) in [0, 1)."""
+    cdf = np.cumsum(probs, axis=1)
+    targets = uniforms * cdf[:, -1]
+    tokens = (cdf <= targets[:, None]).sum(axis=1)  # first index whose cdf exceeds the target
+    return np.minimum(tokens, probs.shape[1] - 1)

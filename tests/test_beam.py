@@ -1,0 +1,93 @@
+"""Beam search: exact against exhaustive search, deterministic, streams only settled text."""
+
+import itertools
+
+import numpy as np
+import pytest
+
+from rnngen.beam import BeamSearch, stop_safe_length
+from rnngen.config import ModelConfig
+from rnngen.generation import Generation, generate
+from rnngen.runtime import RnnModel
+from rnngen.sampling import GenerationParams
+from rnngen.tokenizers import CharTokenizer
+
+from conftest import write_model
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    tok = CharTokenizer(list("abcd"))
+    config = ModelConfig(cell="lstm", vocab_size=4, hidden_size=8, num_layers=1)
+    return RnnModel.load(write_model(tmp_path / "tiny.onnx", config, tok, seed=5), device="cpu")
+
+
+def sequence_logprob(rnn, prompt_ids, tokens):
+    logits, state = rnn.run(np.array([prompt_ids]), rnn.initial_state(1))
+    total = 0.0
+    for t in tokens:
+        x = logits[0, -1].astype(np.float64)
+        total += x[t] - (x.max() + np.log(np.exp(x - x.max()).sum()))
+        logits, state = rnn.run(np.array([[t]]), state)
+    return total
+
+
+def test_enough_beams_find_the_true_best_sequence(tiny):
+    length, vocab = 4, 4
+    prompt = [0]
+    scores = {seq: sequence_logprob(tiny, prompt, seq) for seq in itertools.product(range(vocab), repeat=length)}
+    best = max(scores, key=scores.get)
+    search = BeamSearch(tiny, prompt, GenerationParams(max_new_tokens=length, num_beams=vocab ** (length - 1), num_return_sequences=3))
+    list(search)
+    top = search.results
+    assert tuple(top[0].tokens) == best
+    assert top[0].logprob == pytest.approx(scores[best], abs=1e-5)
+    ranked = sorted(scores.values(), reverse=True)
+    assert [h.logprob for h in top] == pytest.approx(ranked[:3], abs=1e-5)
+
+
+def test_one_beam_is_greedy(tiny):
+    greedy = generate(tiny, "a", GenerationParams(max_new_tokens=12, temperature=0)).text
+    search = BeamSearch(tiny, tiny.tokenizer.encode("a"), GenerationParams(max_new_tokens=12, num_beams=1))
+    streamed = "".join(search)
+    assert search.results[0].text == greedy
+    assert greedy.startswith(streamed)
+
+
+def test_beam_search_is_deterministic_and_ranked(char_model_file):
+    rnn = RnnModel.load(char_model_file, device="cpu")
+    params = GenerationParams(max_new_tokens=40, num_beams=5, num_return_sequences=3, length_penalty=0.7)
+    a, b = generate(rnn, "the ", params), generate(rnn, "the ", params)
+    assert [s.text for s in a.sequences] == [s.text for s in b.sequences]
+    scores = [s.score for s in a.sequences]
+    assert scores == sorted(scores, reverse=True)
+
+
+def test_streamed_beam_text_is_a_prefix_of_every_returned_sequence(char_model_file):
+    rnn = RnnModel.load(char_model_file, device="cpu")
+    gen = Generation(rnn, "to be", GenerationParams(max_new_tokens=80, num_beams=4, num_return_sequences=2, stop=("e s",)))
+    streamed = {0: "", 1: ""}
+    first_emission_step = None
+    for i, chunk in enumerate(gen):
+        streamed[chunk.index] += chunk.text
+        if first_emission_step is None:
+            first_emission_step = i
+    for seq in gen.sequences:
+        assert streamed[seq.index] == seq.text
+        assert "e s" not in seq.text
+    assert first_emission_step is not None
+
+
+def test_beam_stop_strings_end_hypotheses(char_model_file):
+    rnn = RnnModel.load(char_model_file, device="cpu")
+    free = generate(rnn, "the", GenerationParams(max_new_tokens=60, num_beams=3)).text
+    stop = free[10:12]
+    result = generate(rnn, "the", GenerationParams(max_new_tokens=60, num_beams=3, stop=(stop,), early_stopping=True))
+    assert stop not in result.text
+    assert result.finish_reason == "stop" or len(result.text) <= 60
+
+
+def test_stop_safe_length_holds_back_possible_stop_starts():
+    assert stop_safe_length("hello wor", ("world",)) == 6
+    assert stop_safe_length("hello", ("xyz",)) == 5
+    assert stop_safe_length("ab\n", ("\n\n",)) == 2

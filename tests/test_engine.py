@@ -1,0 +1,169 @@
+"""The decoding engine: processors by hand, batch invariance, rows joining, leaving, copied and reordered."""
+
+import numpy as np
+import pytest
+
+from rnngen.engine import BatchState, DecodeEngine, Row, row_generator
+from rnngen.generation import generate
+from rnngen.processors import RowParams, apply_penalties, banned_by_ngrams, draw, filtered_probs
+from rnngen.runtime import RnnModel
+from rnngen.sampling import GenerationParams
+
+
+def rp(**kw):
+    return RowParams.from_params([GenerationParams(**kw)])
+
+
+def probs(logits, **kw):
+    return filtered_probs(np.array([logits], dtype=np.float64), rp(**kw))[0]
+
+
+def test_temperature_scales_logits():
+    e = np.exp(np.array([1.0, 2.0, 3.0]) / 0.5)
+    np.testing.assert_allclose(probs([1.0, 2.0, 3.0], temperature=0.5), e / e.sum())
+
+
+def test_top_k_keeps_the_k_largest():
+    e = np.exp([3.0, 2.0])
+    np.testing.assert_allclose(probs([0.0, 3.0, 1.0, 2.0], temperature=1.0, top_k=2), [0, e[0] / e.sum(), 0, e[1] / e.sum()])
+
+
+def test_top_p_keeps_smallest_set_reaching_p():
+    base = np.log([0.5, 0.3, 0.15, 0.05])
+    np.testing.assert_allclose(probs(base, temperature=1.0, top_p=0.7), [0.625, 0.375, 0, 0], atol=1e-12)
+    np.testing.assert_allclose(probs(base, temperature=1.0, top_p=0.81), [0.5 / 0.95, 0.3 / 0.95, 0.15 / 0.95, 0], atol=1e-12)
+    np.testing.assert_allclose(probs(base, temperature=1.0, top_p=0.1), [1, 0, 0, 0], atol=1e-12)
+
+
+def test_min_p_drops_tokens_below_fraction_of_the_top():
+    base = np.log([0.5, 0.3, 0.15, 0.05])
+    # min_p 0.3: floor 0.15 keeps 0.5, 0.3, 0.15.
+    np.testing.assert_allclose(probs(base, temperature=1.0, min_p=0.3), [0.5 / 0.95, 0.3 / 0.95, 0.15 / 0.95, 0], atol=1e-12)
+
+
+def test_filters_apply_in_order_k_then_p():
+    base = np.log([0.4, 0.3, 0.2, 0.1])
+    # top-k 3 → 4/9, 3/9, 2/9; top-p 0.7 keeps 4/9 + 3/9 = 7/9 ≥ 0.7.
+    np.testing.assert_allclose(probs(base, temperature=1.0, top_k=3, top_p=0.7), [4 / 7, 3 / 7, 0, 0], atol=1e-12)
+
+
+def test_repetition_presence_frequency_penalties_by_hand():
+    logits = np.array([[2.0, -1.0, 0.5, 1.0]])
+    seen = np.array([[True, True, False, False]])
+    got = apply_penalties(logits, rp(repetition_penalty=2.0), seen, None)
+    np.testing.assert_allclose(got, [[1.0, -2.0, 0.5, 1.0]])  # positive halved, negative doubled, unseen untouched
+    counts = np.array([[0, 3, 1, 0]])
+    got = apply_penalties(logits, rp(presence_penalty=0.5, frequency_penalty=0.25), None, counts)
+    np.testing.assert_allclose(got, [[2.0, -1.0 - 0.5 - 0.75, 0.5 - 0.5 - 0.25, 1.0]])
+
+
+def test_no_repeat_ngram_bans_completions():
+    history = [1, 2, 3, 1, 2]
+    assert banned_by_ngrams(history, 3) == [3]  # (1, 2) was followed by 3
+    assert sorted(banned_by_ngrams(history, 2)) == [3]  # (2,) was followed by 3
+    assert sorted(banned_by_ngrams(history, 1)) == [1, 1, 2, 2, 3]
+    assert banned_by_ngrams(history, 0) == []
+
+
+def test_draw_is_inverse_cdf():
+    p = np.array([[0.2, 0.0, 0.5, 0.3]] * 4)
+    assert draw(p, np.array([0.0, 0.19, 0.2, 0.999])).tolist() == [0, 0, 2, 3]
+
+
+def test_per_row_parameters_in_one_batch():
+    logits = np.log(np.array([[0.5, 0.3, 0.15, 0.05]] * 2))
+    params = RowParams.from_params([GenerationParams(temperature=1.0, top_k=1), GenerationParams(temperature=1.0, top_p=0.7)])
+    got = filtered_probs(logits, params)
+    np.testing.assert_allclose(got, [[1, 0, 0, 0], [0.625, 0.375, 0, 0]], atol=1e-12)
+
+
+@pytest.fixture
+def rnn(char_model_file):
+    return RnnModel.load(char_model_file, device="cpu")
+
+
+def alone(rnn, prompt, params):
+    return generate(rnn, prompt, params).text
+
+
+def make_row(rnn, prompt_ids, params, tag):
+    return Row(params, row_generator(params.seed, 0), rnn.tokenizer.stream_decoder(), list(prompt_ids), tag=tag)
+
+
+def run_to_end(engine):
+    while len(engine):
+        engine.step()
+
+
+def test_a_row_decodes_the_same_alone_or_among_32_others(rnn):
+    tok = rnn.tokenizer
+    target = GenerationParams(max_new_tokens=60, seed=42, temperature=0.9, top_k=10, repetition_penalty=1.2)
+    expected = alone(rnn, "to be", target)
+    engine = DecodeEngine(rnn)
+    rows = []
+    gen = np.random.default_rng(0)
+    for i in range(33):
+        prompt = "to be" if i == 16 else "the " * int(gen.integers(1, 4))
+        params = target if i == 16 else GenerationParams(
+            max_new_tokens=int(gen.integers(5, 80)), seed=i, temperature=float(gen.choice([0.0, 0.7, 1.3])),
+            top_p=float(gen.choice([1.0, 0.8])), presence_penalty=float(gen.choice([0.0, 0.5])),
+            no_repeat_ngram_size=int(gen.choice([0, 3])), stop=("e.",) if i % 5 == 0 else ())
+        ids = tok.encode(prompt)
+        logits, state = engine.prefill(ids)
+        row = make_row(rnn, ids, params, i)
+        engine.add([row], logits, state)
+        rows.append(row)
+    run_to_end(engine)
+    assert rows[16].text == expected
+    assert all(r.finish_reason in ("length", "stop") for r in rows)
+
+
+def test_rows_join_leave_copy_and_reorder_between_steps(rnn):
+    tok = rnn.tokenizer
+    pa = GenerationParams(max_new_tokens=50, seed=1)
+    pb = GenerationParams(max_new_tokens=50, seed=2, temperature=1.2)
+    pc = GenerationParams(max_new_tokens=30, seed=3, temperature=0)
+    want_a, want_b, want_c = alone(rnn, "the", pa), alone(rnn, "a s", pb), alone(rnn, "to", pc)
+
+    engine = DecodeEngine(rnn)
+    a = make_row(rnn, tok.encode("the"), pa, "a")
+    engine.add([a], *engine.prefill(tok.encode("the")))
+    for _ in range(10):
+        engine.step()
+    b = make_row(rnn, tok.encode("a s"), pb, "b")  # joins while a is running
+    engine.add([b], *engine.prefill(tok.encode("a s")))
+    for _ in range(5):
+        engine.step()
+    engine.select([1, 0])  # reorder
+    assert [r.tag for r in engine.rows] == ["b", "a"]
+    c = make_row(rnn, tok.encode("to"), pc, "c")
+    engine.add([c], *engine.prefill(tok.encode("to")))
+    for _ in range(3):
+        engine.step()
+    copy_of_a = a.clone(tag="a2")
+    engine.select([0, 1, 1, 2], rows=[engine.rows[0], engine.rows[1], copy_of_a, engine.rows[2]])  # copy a
+    engine.step()
+    engine.remove(b)  # b leaves (a cancelled stream); the others go on untouched
+    assert b.finish_reason == "cancelled"
+    run_to_end(engine)
+    assert a.text == want_a and c.text == want_c
+    assert want_b.startswith(b.text) and len(b.text) < len(want_b)
+    # The copy continued from a's state with a copy of a's random generator: the same continuation.
+    assert copy_of_a.text == want_a
+
+
+def test_batch_state_select_and_concat():
+    arrays = {"h": np.arange(2 * 3 * 4, dtype=np.float32).reshape(2, 3, 4)}
+    state = BatchState(arrays)
+    picked = state.select([2, 0, 0])
+    np.testing.assert_array_equal(picked.arrays["h"][:, 0], arrays["h"][:, 2])
+    np.testing.assert_array_equal(picked.arrays["h"][:, 2], arrays["h"][:, 0])
+    assert BatchState.concat([state, picked]).size == 6
+
+
+def test_the_same_row_object_twice_is_refused(rnn):
+    engine = DecodeEngine(rnn)
+    row = make_row(rnn, [1], GenerationParams(seed=0), "x")
+    engine.add([row], *engine.prefill([1]))
+    with pytest.raises(ValueError, match="clone"):
+        engine.select([0, 0])
