@@ -22,7 +22,7 @@ import numpy as np
 
 from rnngen.errors import InvalidParameterError
 from rnngen.processors import RowParams, apply_penalties, banned_by_ngrams, draw, filtered_probs
-from rnngen.runtime import RnnModel
+from rnngen.runtime import BoundStepper, RnnModel
 from rnngen.sampling import GenerationParams
 from rnngen.tokenizers import StreamDecoder
 
@@ -145,8 +145,12 @@ class RowUpdate:
 class DecodeEngine:
     """Rows of one batched state, stepped together with one model call per step."""
 
-    def __init__(self, model: RnnModel):
+    def __init__(self, model: RnnModel, use_iobinding: bool | None = None):
         self.model = model
+        # On CUDA the state stays on the device between steps; None chooses by the model's device.
+        if use_iobinding is None:
+            use_iobinding = model.device == "cuda"
+        self._bound = BoundStepper(model) if use_iobinding else None
         self.rows: list[Row] = []
         self.state: BatchState | None = None
         self.logits: np.ndarray | None = None  # (B, V) float32: next-token logits of each row
@@ -154,8 +158,7 @@ class DecodeEngine:
         self._rp: RowParams | None = None
         self._seen: np.ndarray | None = None  # (B, V) bool, for the repetition penalty
         self._counts: np.ndarray | None = None  # (B, V) int32, for presence/frequency penalties
-        self._any_greedy = self._all_greedy = False
-        self._needs_penalties = self._needs_ngrams = False
+        self._state_on_device = False  # True while the device holds newer state than self.state
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -175,6 +178,7 @@ class DecodeEngine:
             raise ValueError("rows, logits and state must have the same number of rows")
         for row in rows:
             row.params.check_for_vocab(self.model.config.vocab_size)
+        self._sync_from_device()
         if self.state is None or not self.rows:
             self.rows, self.logits, self.state = list(rows), np.array(logits, dtype=np.float32), state
         else:
@@ -182,6 +186,7 @@ class DecodeEngine:
             self.logits = np.concatenate([self.logits, logits.astype(np.float32)])
             self.state = BatchState.concat([self.state, state])
         self._dirty = True
+        self._sync_to_device()
 
     def select(self, indices: list[int], rows: list[Row] | None = None) -> None:
         """Keep rows by index, in this order: drop, copy (an index twice) or reorder.
@@ -189,6 +194,7 @@ class DecodeEngine:
         Rows given in `rows` replace the kept ones (a copied row must be a clone, not the same object).
         """
         indices = list(indices)
+        self._sync_from_device()
         self.rows = rows if rows is not None else [self.rows[i] for i in indices]
         if len({id(r) for r in self.rows}) != len(self.rows):
             raise ValueError("a copied row must be a Row.clone(), not the same object twice")
@@ -198,6 +204,7 @@ class DecodeEngine:
         else:
             self.logits, self.state = None, None
         self._dirty = True
+        self._sync_to_device()
 
     def remove(self, row: Row, reason: str = FINISH_CANCELLED) -> None:
         """A row leaves now (a cancelled stream); the others go on untouched."""
@@ -241,63 +248,69 @@ class DecodeEngine:
             if self._seen is not None or self._counts is not None:
                 self._rebuild()  # cheap relative to a step, and keeps the arrays aligned with the rows
         if self.rows:
-            self.logits, new_state = self.model.step(tokens, self.state.arrays)
-            self.state = BatchState(new_state)
+            if self._bound is not None:
+                self.logits = self._bound.step(tokens)
+                self._state_on_device = True
+            else:
+                self.logits, new_state = self.model.step(tokens, self.state.arrays)
+                self.state = BatchState(new_state)
         return updates
 
+    def current_state(self) -> BatchState | None:
+        """The batch's state on the host (read back from the device when it lives there)."""
+        self._sync_from_device()
+        return self.state
+
+    def _sync_from_device(self) -> None:
+        if self._bound is not None and self._state_on_device:
+            self.state = BatchState(self._bound.read_state())
+            self._state_on_device = False
+
+    def _sync_to_device(self) -> None:
+        if self._bound is not None and self.state is not None and self.rows:
+            self._bound.load_state(self.state.arrays)
+
     def _rebuild(self) -> None:
-        params = [r.params for r in self.rows]
-        self._rp = RowParams.from_params(params)
-        rp = self._rp
-        greedy = rp.temperature == 0.0
-        self._any_greedy, self._all_greedy = bool(greedy.any()), bool(greedy.all())
-        self._needs_ngrams = bool((rp.no_repeat_ngram.astype(bool)).any())
+        rp = self._rp = RowParams.from_params([r.params for r in self.rows])
         vocab = self.model.config.vocab_size
-        if np.any(rp.repetition != 1.0):
+        self._seen = self._counts = None
+        if rp.uses_repetition:
             self._seen = np.zeros((len(self.rows), vocab), dtype=bool)
             for i, r in enumerate(self.rows):
                 self._seen[i, r.history] = True
-        else:
-            self._seen = None
-        if np.any(rp.presence != 0.0) or np.any(rp.frequency != 0.0):
+        if rp.uses_counts:
             self._counts = np.zeros((len(self.rows), vocab), dtype=np.int32)
             for i, r in enumerate(self.rows):
                 np.add.at(self._counts[i], r.generated, 1)
-        else:
-            self._counts = None
-        self._needs_penalties = self._seen is not None or self._counts is not None
         self._dirty = False
 
     def _choose_tokens(self) -> tuple[np.ndarray, np.ndarray]:
         """Tokens (B,) and their log-probabilities under the model (before any processing)."""
-        raw = self.logits.astype(np.float64)
-        peak = raw.max(axis=1, keepdims=True)
-        log_z = peak[:, 0] + np.log(np.exp(raw - peak).sum(axis=1))
-        x = raw
+        raw = self.logits  # (B, V) float32
+        z = raw - raw.max(axis=1, keepdims=True)  # shifted so the largest logit is 0: exp() is safe
+        log_z = np.log(np.exp(z).sum(axis=1))  # log of the softmax denominator, per row
         rp = self._rp
-        if self._needs_penalties:
-            x = apply_penalties(x, rp, self._seen, self._counts)
-        if self._needs_ngrams:
-            x = x.copy() if x is raw else x
-            for i, row in enumerate(self.rows):
+        x = z
+        if rp.uses_repetition or rp.uses_counts or rp.uses_ngrams:
+            x = z.astype(np.float64)
+            if rp.uses_repetition or rp.uses_counts:
+                x = apply_penalties(x, rp, self._seen, self._counts)
+            for i, row in enumerate(self.rows) if rp.uses_ngrams else ():
                 banned = banned_by_ngrams(row.history, row.params.no_repeat_ngram_size)
                 if banned:
                     x[i, banned] = -np.inf
-        if self._all_greedy:
+        rows = self.rows
+        if rp.all_greedy:
             tokens = x.argmax(axis=1)
         else:
-            sampling = rp if not self._any_greedy else _with_unit_temperature_for_greedy(rp)
-            probs = filtered_probs(x, sampling)
-            uniforms = np.fromiter((row.rng.random() for row in self.rows), dtype=np.float64, count=len(self.rows))
-            tokens = draw(probs, uniforms)
-            if self._any_greedy:
-                greedy = rp.temperature == 0.0
-                tokens = np.where(greedy, x.argmax(axis=1), tokens)
-        logprobs = raw[np.arange(len(tokens)), tokens] - log_z
+            probs = filtered_probs(x, rp)
+            if len(rows) == 1:
+                cdf = probs[0].cumsum()
+                tokens = np.array([min(int(cdf.searchsorted(rows[0].rng.random() * cdf[-1], "right")), len(cdf) - 1)])
+            else:
+                uniforms = np.fromiter((row.rng.random() for row in rows), dtype=np.float64, count=len(rows))
+                tokens = draw(probs, uniforms)
+            if rp.any_greedy:
+                tokens = np.where(rp.greedy, x.argmax(axis=1), tokens)
+        logprobs = z[np.arange(len(tokens)), tokens] - log_z
         return tokens, logprobs
-
-
-def _with_unit_temperature_for_greedy(rp: RowParams) -> RowParams:
-    """Greedy rows ride along the sampling arithmetic with temperature 1; their draw is then replaced by argmax."""
-    return RowParams(np.where(rp.temperature == 0.0, 1.0, rp.temperature), rp.top_k, rp.top_p, rp.min_p,
-                     rp.repetition, rp.presence, rp.frequency, rp.no_repeat_ngram)

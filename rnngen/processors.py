@@ -35,6 +35,18 @@ class RowParams:
     frequency: np.ndarray  # (B,) float64, 0 = off
     no_repeat_ngram: np.ndarray  # (B,) int, 0 = off
 
+    def __post_init__(self) -> None:
+        # Which processors any row needs, decided once per batch change rather than every step.
+        self.greedy = self.temperature == 0.0
+        self.any_greedy, self.all_greedy = bool(self.greedy.any()), bool(self.greedy.all())
+        self.sampling_temperature = np.where(self.greedy, 1.0, self.temperature)[:, None]
+        self.uses_repetition = bool(np.any(self.repetition != 1.0))
+        self.uses_counts = bool(np.any(self.presence != 0.0) or np.any(self.frequency != 0.0))
+        self.uses_ngrams = bool(np.any(self.no_repeat_ngram > 0))
+        self.uses_top_k = bool(np.any(self.top_k > 0))
+        self.uses_top_p = bool(np.any(self.top_p < 1.0))
+        self.uses_min_p = bool(np.any(self.min_p > 0.0))
+
     @classmethod
     def from_params(cls, params: list) -> "RowParams":
         def arr(name, dtype):
@@ -48,11 +60,11 @@ class RowParams:
 
 def apply_penalties(logits: np.ndarray, rp: RowParams, seen: np.ndarray | None, counts: np.ndarray | None) -> np.ndarray:
     """Steps 1-2 on float64 logits (B, V); `seen` (B, V) bool: in prompt or output; `counts` (B, V): output counts."""
-    if seen is not None and np.any(rp.repetition != 1.0):
+    if seen is not None and rp.uses_repetition:
         pen = rp.repetition[:, None]
         penalised = np.where(logits > 0, logits / pen, logits * pen)
         logits = np.where(seen, penalised, logits)
-    if counts is not None and (np.any(rp.presence != 0.0) or np.any(rp.frequency != 0.0)):
+    if counts is not None and rp.uses_counts:
         logits = logits - rp.presence[:, None] * (counts > 0) - rp.frequency[:, None] * counts
     return logits
 
@@ -70,30 +82,30 @@ def banned_by_ngrams(history: list[int], n: int) -> list[int]:
 
 
 def filtered_probs(logits: np.ndarray, rp: RowParams) -> np.ndarray:
-    """Steps 4-7 for sampling rows: probabilities (B, V) in float64, each row summing to 1."""
-    x = logits / rp.temperature[:, None]
-    vocab = x.shape[1]
-    k = rp.top_k
-    active = (k > 0) & (k < vocab)
-    if np.any(active):
-        # Descending order is right at every k in use, so each row reads its own k-th largest logit.
-        ranked = -np.partition(-x, np.unique(k[active] - 1), axis=1)
-        kth = ranked[np.arange(len(k)), np.clip(k - 1, 0, vocab - 1)]
-        thresh = np.where(active, kth, NEG_INF)
-        x = np.where(x >= thresh[:, None], x, NEG_INF)
-    x = x - x.max(axis=1, keepdims=True)
-    probs = np.exp(x)
+    """Steps 4-7 for sampling rows: probabilities (B, V), each row summing to 1 (float32 or float64).
+
+    Greedy rows (temperature 0) are computed at temperature 1; the caller takes their argmax instead.
+    """
+    x = logits / rp.sampling_temperature
+    if rp.uses_top_k:
+        vocab = x.shape[1]
+        k = rp.top_k
+        active = (k > 0) & (k < vocab)
+        if np.any(active):
+            # Descending order is right at every k in use, so each row reads its own k-th largest logit.
+            ranked = -np.partition(-x, np.unique(k[active] - 1), axis=1)
+            kth = np.where(active, ranked[np.arange(len(k)), np.clip(k - 1, 0, vocab - 1)], NEG_INF)
+            x = np.where(x >= kth[:, None], x, NEG_INF)
+    probs = np.exp(x - x.max(axis=1, keepdims=True))
     probs /= probs.sum(axis=1, keepdims=True)
-    if np.any(rp.top_p < 1.0):
-        order = np.argsort(-probs, axis=1, kind="stable")
-        sorted_p = np.take_along_axis(probs, order, axis=1)
-        before = np.cumsum(sorted_p, axis=1) - sorted_p  # mass of the tokens ranked above each token
-        keep_sorted = before < rp.top_p[:, None]  # the smallest prefix whose mass reaches top_p
-        keep = np.zeros_like(keep_sorted)
-        np.put_along_axis(keep, order, keep_sorted, axis=1)
-        probs = np.where(keep, probs, 0.0)
+    if rp.uses_top_p:
+        ranked = -np.sort(-probs, axis=1)
+        before = np.cumsum(ranked, axis=1) - ranked  # mass of the tokens ranked above each token
+        count = (before < rp.top_p[:, None]).sum(axis=1)  # the smallest prefix whose mass reaches top_p
+        floor = ranked[np.arange(len(count)), count - 1]
+        probs = np.where(probs >= floor[:, None], probs, 0.0)
         probs /= probs.sum(axis=1, keepdims=True)
-    if np.any(rp.min_p > 0.0):
+    if rp.uses_min_p:
         floor = rp.min_p[:, None] * probs.max(axis=1, keepdims=True)
         probs = np.where(probs >= floor, probs, 0.0)
         probs /= probs.sum(axis=1, keepdims=True)

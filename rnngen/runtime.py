@@ -157,3 +157,57 @@ def _full_proto(model_file: ModelFile):
     if model_file.has_external_data:
         return onnx.load(str(model_file.path), load_external_data=True)
     return onnx.ModelProto.FromString(model_file.model_bytes)
+
+
+class BoundStepper:
+    """Decoding steps with the state resident on the device, through onnxruntime's IOBinding.
+
+    The state lives in two preallocated device buffers per state name, used in
+    turn (ping-pong): each step reads one and writes the other, so nothing but
+    the tokens (in) and the logits (out, for sampling on the host) crosses to
+    the host. On CUDA that is the main lever; on CPU the same code runs with
+    CPU buffers, which is how its logic is tested.
+    """
+
+    def __init__(self, model: RnnModel, device_type: str | None = None, device_id: int = 0):
+        self.model = model
+        self.device_type = device_type or ("cuda" if model.device == "cuda" else "cpu")
+        self.device_id = device_id
+        self.session = model.step_session
+        self.batch = 0
+        self._current: dict[str, object] = {}
+        self._spare: dict[str, object] = {}
+
+    def _buffer(self, batch: int):
+        import onnxruntime as ort
+
+        shape = (self.model.config.num_layers, batch, self.model.config.hidden_size)
+        return ort.OrtValue.ortvalue_from_shape_and_type(shape, np.float32, self.device_type, self.device_id)
+
+    def load_state(self, state: dict[str, np.ndarray]) -> None:
+        """Host state → device (once per change of the batch's rows, not per step)."""
+        import onnxruntime as ort
+
+        self.batch = next(iter(state.values())).shape[1]
+        self._current = {
+            name: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(state[name]), self.device_type, self.device_id)
+            for name in self.model.state_names
+        }
+        self._spare = {name: self._buffer(self.batch) for name in self.model.state_names}
+
+    def read_state(self) -> dict[str, np.ndarray]:
+        """Device state → host (for row changes, or to save a session)."""
+        return {name: value.numpy() for name, value in self._current.items()}
+
+    def step(self, tokens: np.ndarray) -> np.ndarray:
+        """One step for the bound batch: tokens (B,) → logits (B, V) on the host; the state stays put."""
+        binding = self.session.io_binding()
+        binding.bind_cpu_input(TOKENS, np.ascontiguousarray(tokens.reshape(-1, 1), dtype=np.int64))
+        binding.bind_output(LOGITS, "cpu")  # bound first: outputs come back in binding order
+        for name in self.model.state_names:
+            binding.bind_ortvalue_input(name, self._current[name])
+            binding.bind_ortvalue_output(state_output_name(name), self._spare[name])
+        self.session.run_with_iobinding(binding)
+        logits = binding.copy_outputs_to_cpu()[0]
+        self._current, self._spare = self._spare, self._current
+        return logits[:, 0]

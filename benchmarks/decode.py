@@ -1,0 +1,257 @@
+"""Decoding speed: the engine against its baselines, measured side by side in one run.
+
+    python benchmarks/decode.py                 # shipped LSTM architecture and a 2x512 LSTM, CPU
+    python benchmarks/decode.py --device cuda --batches 1,64,1024
+
+For each model (weights made once, shared by every contender):
+  1. one stream, per token: engine (sampling, T=0.8) vs the bare onnxruntime step call  [target <= 1.25x]
+  2. one stream, per token: PyTorch eager step loop with torch.multinomial vs the engine  [target >= 2.5x]
+  3. prefill of 1,000 tokens: Loop graph vs onnxruntime's fused LSTM op                  [target <= 1.3x]
+     and stepping the 1,000 tokens one call each vs the Loop graph                       [target >= 3x]
+  4. B rows at once: engine tokens/s vs the bare batched step                             [target >= 0.8x]
+Timings interleave the contenders in blocks and report medians. PyTorch runs in a
+subprocess (onnxruntime's spinning threads slow torch down in the same process).
+Needs the train extra (torch) for the PyTorch baseline and to make the weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def make_weights(cell: str, layers: int, hidden: int, vocab: int, seed: int = 0) -> tuple:
+    import torch
+
+    from rnngen.config import ModelConfig
+    from rnngen.training.model import RNNLanguageModel
+
+    torch.manual_seed(seed)
+    config = ModelConfig(cell=cell, vocab_size=vocab, hidden_size=hidden, num_layers=layers)
+    return config, RNNLanguageModel(config).numpy_weights()
+
+
+def write_rnngen_model(path: Path, config, weights) -> None:
+    from rnngen.modelfile import make_metadata
+    from rnngen.onnx_graph import build_model
+    from rnngen.tokenizers import CharTokenizer
+
+    symbols = [chr(32 + i) for i in range(config.vocab_size)]
+    path.write_bytes(build_model(config, weights, make_metadata(config, CharTokenizer(symbols), {})).SerializeToString())
+
+
+def fused_lstm_session(config, weights, providers):
+    """The same LSTM as onnxruntime's fused LSTM op per layer (the prefill baseline)."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    h = config.hidden_size
+    order = [0, 3, 1, 2]  # PyTorch gates i, f, g, o → ONNX i, o, f, c
+
+    def reorder(w):
+        return np.concatenate([w[k * h:(k + 1) * h] for k in order])
+
+    inits, nodes = [numpy_helper.from_array(weights["embedding.weight"], "emb")], []
+    nodes.append(helper.make_node("Transpose", ["tokens"], ["tok_tb"], perm=[1, 0]))
+    nodes.append(helper.make_node("Gather", ["emb", "tok_tb"], ["x0"]))
+    inits.append(numpy_helper.from_array(np.array([1], np.int64), "axis1"))
+    x = "x0"
+    for k in range(config.num_layers):
+        W = reorder(weights[f"rnn.weight_ih_l{k}"])[None]
+        R = reorder(weights[f"rnn.weight_hh_l{k}"])[None]
+        B = np.concatenate([reorder(weights[f"rnn.bias_ih_l{k}"]), reorder(weights[f"rnn.bias_hh_l{k}"])])[None]
+        for name, arr in ((f"W{k}", W), (f"R{k}", R), (f"B{k}", B)):
+            inits.append(numpy_helper.from_array(arr.astype(np.float32), name))
+        nodes.append(helper.make_node("LSTM", [x, f"W{k}", f"R{k}", f"B{k}"], [f"y{k}"], hidden_size=h))
+        nodes.append(helper.make_node("Squeeze", [f"y{k}", "axis1"], [f"x{k + 1}"]))
+        x = f"x{k + 1}"
+    dec = weights.get("decoder.weight", weights["embedding.weight"])
+    inits += [numpy_helper.from_array(dec.T.copy(), "dec"), numpy_helper.from_array(weights["decoder.bias"], "dec_b")]
+    nodes += [helper.make_node("MatMul", [x, "dec"], ["mm"]), helper.make_node("Add", ["mm", "dec_b"], ["logits"])]
+    graph = helper.make_graph(nodes, "fused", [helper.make_tensor_value_info("tokens", TensorProto.INT64, [1, "T"])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    return ort.InferenceSession(model.SerializeToString(), so, providers=providers)
+
+
+def interleave(contenders: dict, rounds: int) -> dict:
+    """Median seconds per call of each contender, run in turn `rounds` times."""
+    times = {name: [] for name in contenders}
+    for _ in range(rounds):
+        for name, fn in contenders.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(v) for name, v in times.items()}
+
+
+def bench_model(label: str, path: Path, config, weights, device: str, batches: list[int], quick: bool) -> list[str]:
+    from rnngen.engine import DecodeEngine, Row, row_generator
+    from rnngen.runtime import RnnModel
+    from rnngen.sampling import GenerationParams
+
+    model = RnnModel.load(path, device=device)
+    lines = []
+    block = 100 if quick else 300
+    rounds = 5 if quick else 15
+    params = GenerationParams(max_new_tokens=block, temperature=0.8, seed=0)
+    outputs = [o.name for o in model.step_session.get_outputs()]
+
+    def bare_steps(batch: int):
+        state = model.initial_state(batch)
+        feeds = {"tokens": np.zeros((batch, 1), np.int64)}
+
+        def run():
+            nonlocal state
+            for i in range(block):
+                feeds["tokens"][:, 0] = i % config.vocab_size
+                out = model.step_session.run(outputs, {**feeds, **state})
+                state = dict(zip(model.state_names, out[1:]))
+        return run
+
+    def engine_steps(batch: int):
+        def run():
+            engine = DecodeEngine(model)
+            logits, state = engine.prefill([1])
+            rows = [Row(params, row_generator(0, i), model.tokenizer.stream_decoder(), [1], tag=i) for i in range(batch)]
+            engine.add(rows, logits[[0] * batch], state.select([0] * batch))
+            t0 = time.perf_counter()
+            while len(engine):
+                engine.step()
+            run.elapsed = time.perf_counter() - t0  # prefill excluded
+        return run
+
+    # 1. one stream per token.
+    eng = engine_steps(1)
+    res = interleave({"bare": bare_steps(1), "engine": eng}, rounds)
+    bare_us = res["bare"] / block * 1e6
+    engine_us = res["engine"] / block * 1e6
+    lines.append(f"{label} | batch 1 per token | engine {engine_us:.1f} us vs bare onnxruntime step {bare_us:.1f} us | "
+                 f"ratio {engine_us / bare_us:.2f}x (target <= 1.25x)")
+
+    # 2. PyTorch eager, in a subprocess on the same weights.
+    torch_us = torch_eager_per_token(config, weights, block, rounds, device)
+    lines.append(f"{label} | batch 1 per token | PyTorch eager {torch_us:.1f} us vs engine {engine_us:.1f} us | "
+                 f"engine {torch_us / engine_us:.2f}x faster (target >= 2.5x)")
+
+    # 3. prefill of 1,000 tokens.
+    if config.cell == "lstm":
+        fused = fused_lstm_session(config, weights, model.providers)
+        prompt = np.random.default_rng(0).integers(0, config.vocab_size, (1, 1000))
+        zeros = model.initial_state(1)
+
+        def loop_prefill():
+            model.run(prompt, zeros)
+
+        def fused_prefill():
+            fused.run(["logits"], {"tokens": prompt})
+
+        def stepped_prefill():
+            state = zeros
+            for t in range(prompt.shape[1]):
+                _, state = model.step(prompt[:, t], state)
+
+        res = interleave({"loop": loop_prefill, "fused": fused_prefill, "stepped": stepped_prefill}, 3 if quick else 7)
+        lines.append(f"{label} | prefill 1000 tokens | Loop graph {res['loop'] * 1e3:.1f} ms vs fused LSTM op "
+                     f"{res['fused'] * 1e3:.1f} ms | ratio {res['loop'] / res['fused']:.2f}x (target <= 1.3x)")
+        lines.append(f"{label} | prefill 1000 tokens | stepping {res['stepped'] * 1e3:.1f} ms vs Loop graph "
+                     f"{res['loop'] * 1e3:.1f} ms | Loop {res['stepped'] / res['loop']:.2f}x faster (target >= 3x)")
+
+    # 4. many rows at once.
+    for batch in batches:
+        if batch == 1:
+            continue
+        res = interleave({"bare": bare_steps(batch), "engine": engine_steps(batch)}, max(3, rounds // 3))
+        bare_tps = batch * block / res["bare"]
+        engine_tps = batch * block / res["engine"]
+        lines.append(f"{label} | batch {batch} aggregate | engine {engine_tps:,.0f} tok/s vs bare batched step "
+                     f"{bare_tps:,.0f} tok/s | ratio {engine_tps / bare_tps:.2f}x (target >= 0.8x)")
+    return lines
+
+
+def torch_eager_per_token(config, weights, block: int, rounds: int, device: str) -> float:
+    with tempfile.TemporaryDirectory() as tmp:
+        np.savez(Path(tmp) / "w.npz", **weights)
+        cmd = [sys.executable, __file__, "--torch-worker", json.dumps(config.to_dict()), str(Path(tmp) / "w.npz"),
+               str(block), str(rounds), device]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def torch_worker(config_json: str, weights_path: str, block: int, rounds: int, device: str) -> None:
+    """A char-rnn-style PyTorch loop: model(token, hidden), softmax, torch.multinomial, per token."""
+    import torch
+
+    from rnngen.config import ModelConfig
+    from rnngen.training.model import RNNLanguageModel
+
+    config = ModelConfig.from_dict(json.loads(config_json))
+    model = RNNLanguageModel(config)
+    data = np.load(weights_path)
+    model.load_weights({k: torch.from_numpy(data[k]) for k in data.files})
+    dev = torch.device("cuda" if device == "cuda" else "cpu")
+    model = model.to(dev).eval()
+    per_block = []
+    with torch.no_grad():
+        for _ in range(rounds):
+            state = model.initial_state(1, device=dev)
+            token = torch.zeros((1, 1), dtype=torch.long, device=dev)
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(block):
+                logits, state = model(token, state)
+                probs = torch.softmax(logits[0, -1] / 0.8, dim=-1)
+                token = torch.multinomial(probs, 1).view(1, 1)
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            per_block.append((time.perf_counter() - t0) / block)
+    print(statistics.median(per_block) * 1e6)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=str(ROOT / "exported" / "lstm.onnx"), help="shipped model whose architecture is measured")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--batches", default="1,64", help="comma-separated batch sizes for aggregate throughput")
+    parser.add_argument("--quick", action="store_true", help="fewer rounds (a smoke run, not for quoting)")
+    parser.add_argument("--torch-worker", nargs=5, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.torch_worker:
+        c, w, block, rounds, device = args.torch_worker
+        torch_worker(c, w, int(block), int(rounds), device)
+        return
+
+    from rnngen.modelfile import read_model_file
+
+    shipped = read_model_file(args.model).config
+    batches = [int(b) for b in args.batches.split(",")]
+    import onnxruntime
+
+    print(f"rnngen decode benchmark: onnxruntime {onnxruntime.__version__}, device {args.device}; medians of interleaved runs")
+    with tempfile.TemporaryDirectory() as tmp:
+        for label, (layers, hidden) in ((f"shipped {shipped.cell} {shipped.num_layers}x{shipped.hidden_size}",
+                                        (shipped.num_layers, shipped.hidden_size)), ("lstm 2x512", (2, 512))):
+            config, weights = make_weights("lstm", layers, hidden, shipped.vocab_size)
+            path = Path(tmp) / f"{layers}x{hidden}.onnx"
+            write_rnngen_model(path, config, weights)
+            for line in bench_model(label, path, config, weights, args.device, batches, args.quick):
+                print(line, flush=True)
+
+
+if __name__ == "__main__":
+    main()
