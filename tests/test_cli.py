@@ -220,3 +220,40 @@ def test_train_and_export_as_subprocesses(corpus_file, tmp_path):
     assert "parity onnxruntime vs PyTorch" in export.stdout
     again = run_cli("export", run, "-o", tmp_path / "m.onnx")
     assert again.returncode == 1 and "--force" in again.stderr
+
+
+def test_generate_json_samples_and_beams(char_model_file):
+    result = invoke("generate", "-m", char_model_file, "-p", "the ", "-n", "30", "--samples", "3", "--seed", "9",
+                    "--min-p", "0.05", "--repetition-penalty", "1.3", "--presence-penalty", "0.2",
+                    "--frequency-penalty", "0.1", "--no-repeat-ngram", "4", "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["seed"] == 9 and data["prompt_tokens"] == 4
+    assert [s["index"] for s in data["sequences"]] == [0, 1, 2]
+    for s in data["sequences"]:
+        assert set(s) == {"index", "text", "tokens", "finish_reason", "score"}
+        assert s["tokens"] == 30 and len(s["text"]) == 30 and s["finish_reason"] == "length" and s["score"] < 0
+    beams = json.loads(invoke("generate", "-m", char_model_file, "-p", "the ", "-n", "20", "--beams", "4",
+                              "--num-return", "2", "--length-penalty", "0.5", "--early-stopping", "--json").stdout)
+    assert len(beams["sequences"]) == 2
+    assert beams["sequences"][0]["score"] >= beams["sequences"][1]["score"]
+
+
+def test_generate_several_sequences_printed_with_headers(char_model_file):
+    result = invoke("generate", "-m", char_model_file, "-p", "to", "-n", "15", "--samples", "2", "--seed", "1")
+    assert result.exit_code == 0, result.output
+    assert "sequence 1" in result.stdout and "sequence 2" in result.stdout
+    assert "30 tokens in" in result.stderr
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--beams", "0"], "num_beams: 0 is not an integer in [1, 64]"),
+    (["--num-return", "3"], "num_return_sequences: 3 is more than num_beams (1)"),
+    (["--samples", "2", "--beams", "2"], "cannot be combined with beam search"),
+    (["--min-p", "1.5"], "min_p: 1.5"),
+    (["--repetition-penalty", "0"], "repetition_penalty: 0.0 is outside (0, 10]"),
+    (["--presence-penalty", "nan"], "presence_penalty: nan"),
+    (["--top-k", "1000"], "top_k: 1000 is larger than the model's vocabulary"),
+])
+def test_generate_bad_engine_options(char_model_file, args, needle):
+    one_line_error(invoke("generate", "--model", char_model_file, *args), needle)
