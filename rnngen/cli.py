@@ -67,6 +67,7 @@ def create_app() -> typer.Typer:
     app.command(help="Stream generated text from an exported model.")(generate)
     app.command(help="Show a model's metadata and the execution providers.")(info)
     app.command(help="Loss (nats and bits per token and char) and perplexity of a text file.")(score)
+    app.command(help="Serve models over gRPC to many concurrent streaming clients.")(serve)
     return app
 
 
@@ -137,7 +138,7 @@ def export(
 
 
 def generate(
-    model: Path = typer.Option(..., "--model", "-m", help="An rnngen .onnx model."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="An rnngen .onnx model (with --server: a served model's name)."),
     prompt: str = typer.Option("", "--prompt", "-p", help="Text to start from (empty: the model starts a new text)."),
     max_new_tokens: int = typer.Option(500, "--max-new-tokens", "-n", help="Tokens to generate."),
     temperature: float = typer.Option(0.8, "--temperature", "-t", help="Sampling temperature; 0 is greedy."),
@@ -159,7 +160,17 @@ def generate(
     unknown: str = typer.Option("error", "--unknown", help="Prompt characters outside the vocabulary: error, replace or skip."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object: per sequence text, tokens, finish reason, score."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only the text, no statistics."),
+    server: Optional[str] = typer.Option(None, "--server", help="Generate on an rnngen server at HOST:PORT instead of locally."),
+    tls_ca: Optional[Path] = typer.Option(None, "--tls-ca", help="With --server: CA certificate of a TLS server."),
+    token: Optional[str] = typer.Option(None, "--token", envvar="RNNGEN_AUTH_TOKEN", help="With --server: bearer token."),
+    session_out: Optional[Path] = typer.Option(None, "--session-out", help="With --server: save a session token here to resume later."),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="With --server: continue the session saved in this file."),
 ) -> None:
+    if server is not None:
+        options = dict(locals())
+        with user_errors():
+            _generate_remote(**options)
+        return
     with user_errors():
         from rnngen.generation import Generation
         from rnngen.runtime import RnnModel
@@ -172,6 +183,10 @@ def generate(
             stop=tuple(stop or ()), on_unknown=unknown, n=samples, num_beams=beams, length_penalty=length_penalty,
             early_stopping=early_stopping, num_return_sequences=num_return,
         )
+        if model is None:
+            from rnngen.errors import InvalidParameterError
+
+            raise InvalidParameterError("--model: give a model file (or --server HOST:PORT)")
         rnn = RnnModel.load(model, device=device)
         gen = Generation(rnn, prompt, params)
         several = params.n > 1 or params.num_return_sequences > 1
@@ -206,6 +221,88 @@ def generate(
                 f"[dim]{tokens} tokens in {elapsed:.2f} s ({rate:,.0f} tokens/s) on {rnn.device}, "
                 f"finish: {', '.join(s.finish_reason for s in result.sequences)}[/]"
             )
+
+
+def _generate_remote(*, model, prompt, max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty,
+                     presence_penalty, frequency_penalty, no_repeat_ngram, seed, stop, samples, beams, length_penalty,
+                     early_stopping, num_return, device, unknown, as_json, quiet, server, tls_ca, token, session_out,
+                     resume) -> None:
+    import grpc
+
+    from rnngen.client import RnngenClient
+    from rnngen.errors import InvalidParameterError, RnngenError
+    from rnngen.sampling import GenerationParams
+
+    if samples != 1 or beams != 1 or num_return != 1:
+        raise InvalidParameterError("--samples, --beams and --num-return are for local generation; the server streams one sample")
+    params = GenerationParams(
+        max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+        repetition_penalty=repetition_penalty, presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
+        no_repeat_ngram_size=no_repeat_ngram, seed=seed, stop=tuple(stop or ()), on_unknown=unknown,
+    )
+    session = resume.read_bytes() if resume else None
+    out = sys.stdout
+    text, last = "", None
+    start = time.perf_counter()
+    try:
+        with RnngenClient(server, tls_ca=tls_ca, token=token) as client:
+            if not as_json and session is None:
+                out.write(prompt)
+            for message in client.generate(prompt, model=model or "", params=params, session=session,
+                                           return_session=session_out is not None):
+                text += message.text
+                last = message
+                if not as_json:
+                    out.write(message.text)
+                    out.flush()
+    except grpc.RpcError as exc:
+        raise RnngenError(f"server {server}: {exc.code().name}: {exc.details()}") from None
+    elapsed = time.perf_counter() - start
+    reason = {1: "length", 2: "stop"}.get(last.finish_reason, "unknown") if last else "unknown"
+    if session_out is not None and last is not None and last.session:
+        session_out.write_bytes(last.session)
+    if as_json:
+        out.write(json.dumps({"server": server, "model": model or "", "sequences": [{
+            "index": 0, "text": text, "tokens": last.usage.completion_tokens if last else 0, "finish_reason": reason}]},
+            ensure_ascii=False, indent=2) + "\n")
+    else:
+        out.write("\n")
+    out.flush()
+    if not quiet and not as_json and last is not None:
+        tokens = last.usage.completion_tokens
+        _stderr().print(f"[dim]{tokens} tokens in {elapsed:.2f} s from {server}, finish: {reason}[/]")
+
+
+# ---------------------------------------------------------------------------- serve
+
+
+def serve(
+    model: List[Path] = typer.Option(..., "--model", "-m", help="A model to serve (repeatable); its name is the file's stem."),
+    host: str = typer.Option("127.0.0.1", "--host", envvar="RNNGEN_HOST", help="Address to listen on."),
+    port: int = typer.Option(50051, "--port", envvar="RNNGEN_PORT", help="gRPC port (0: any free port)."),
+    metrics_port: Optional[int] = typer.Option(None, "--metrics-port", envvar="RNNGEN_METRICS_PORT", help="Prometheus /metrics port (off unless given)."),
+    max_active: int = typer.Option(256, "--max-active", envvar="RNNGEN_MAX_ACTIVE", help="Streams decoding at once, per model."),
+    max_queued: int = typer.Option(512, "--max-queued", envvar="RNNGEN_MAX_QUEUED", help="Accepted streams waiting for a row, per model."),
+    device: str = typer.Option("auto", "--device", envvar="RNNGEN_DEVICE", help="auto, cpu or cuda."),
+    session_secret_file: Optional[str] = typer.Option(None, "--session-secret-file", help="File with the secret that signs session tokens (or set RNNGEN_SESSION_SECRET); replicas that share it can resume each other's sessions."),
+    session_ttl: float = typer.Option(86400.0, "--session-ttl", help="Seconds a session token stays valid."),
+    auth_token: Optional[str] = typer.Option(None, "--auth-token", envvar="RNNGEN_AUTH_TOKEN", help="Require this bearer token."),
+    tls_cert: Optional[Path] = typer.Option(None, "--tls-cert", envvar="RNNGEN_TLS_CERT", help="TLS certificate (PEM)."),
+    tls_key: Optional[Path] = typer.Option(None, "--tls-key", envvar="RNNGEN_TLS_KEY", help="TLS private key (PEM)."),
+    grace: float = typer.Option(30.0, "--grace", help="On SIGTERM: seconds for in-flight streams to finish."),
+    per_stream: bool = typer.Option(False, "--per-stream", help="Decode each stream on its own (a benchmark baseline, not for production)."),
+) -> None:
+    with user_errors():
+        from rnngen.server import ServerConfig, load_secret, serve_forever
+
+        secret = load_secret(session_secret_file)
+        if secret is None:
+            _stderr().print("[yellow]no session secret given: session tokens are valid on this process only[/]")
+        config = ServerConfig(models=list(model), host=host, port=port, metrics_port=metrics_port,
+                              max_active=max_active, max_queued=max_queued, device=device, session_secret=secret,
+                              session_ttl_s=session_ttl, auth_token=auth_token, tls_cert=tls_cert, tls_key=tls_key,
+                              grace_s=grace, per_stream=per_stream)
+        serve_forever(config, announce=lambda line: print(line, flush=True))
 
 
 # ---------------------------------------------------------------------------- info

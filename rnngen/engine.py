@@ -119,6 +119,9 @@ class Row:
     logprob: float = 0.0  # sum of the model's log-probabilities of the generated tokens
     finish_reason: str | None = None
     stops: StopStringFilter = None  # type: ignore[assignment]
+    capture_state: bool = False  # keep the row's state when it finishes (to resume it later)
+    final_state: dict | None = None  # (layers, 1, hidden) per state name: before its last token was fed
+    generated_before: int = 0  # tokens generated earlier in a resumed session
     row_id: int = field(default_factory=lambda: next(_row_ids))
 
     def __post_init__(self) -> None:
@@ -243,6 +246,11 @@ class DecodeEngine:
         if self._counts is not None:
             self._counts[np.arange(len(tokens)), tokens] += 1
         if len(keep) < len(self.rows):
+            if any(self.rows[i].capture_state for i in range(len(self.rows)) if i not in set(keep)):
+                state = self.current_state()
+                for i, row in enumerate(self.rows):
+                    if row.capture_state and row.finish_reason is not None:
+                        row.final_state = {k: v[:, i : i + 1].copy() for k, v in state.arrays.items()}
             self.select(keep)
             tokens = tokens[keep]
             if self._seen is not None or self._counts is not None:

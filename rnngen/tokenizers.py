@@ -32,6 +32,12 @@ class StreamDecoder(Protocol):
     def flush(self) -> str:
         """Whatever is left at the end of the stream."""
 
+    def save(self) -> bytes:
+        """The decoder's unfinished state (to resume a stream elsewhere)."""
+
+    def restore(self, saved: bytes) -> None:
+        """Continue from a state made by save()."""
+
 
 def _check_policy(on_unknown: str) -> None:
     if on_unknown not in UNKNOWN_POLICIES:
@@ -216,6 +222,12 @@ class _TableStreamDecoder:
     def flush(self) -> str:
         return ""
 
+    def save(self) -> bytes:
+        return b""
+
+    def restore(self, saved: bytes) -> None:
+        pass
+
 
 class _Utf8StreamDecoder:
     """Holds back the bytes of an unfinished UTF-8 character until it completes."""
@@ -228,6 +240,12 @@ class _Utf8StreamDecoder:
 
     def flush(self) -> str:
         return self._decoder.decode(b"", final=True)
+
+    def save(self) -> bytes:
+        return self._decoder.getstate()[0]  # the bytes of an unfinished character
+
+    def restore(self, saved: bytes) -> None:
+        self._decoder.setstate((saved[:3], 0))
 
 
 class _WordStreamDecoder:
@@ -247,3 +265,9 @@ class _WordStreamDecoder:
 
     def flush(self) -> str:
         return ""
+
+    def save(self) -> bytes:
+        return b"\x01" if self._line_start else b"\x00"
+
+    def restore(self, saved: bytes) -> None:
+        self._line_start = saved != b"\x00"

@@ -1,0 +1,37 @@
+"""Prometheus metrics of a server, on their own registry and HTTP port."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
+
+
+class ServerMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("rnngen_requests", "Generate calls by model and final status", ["model", "status"], registry=r)
+        self.active = Gauge("rnngen_active_streams", "Streams decoding now", ["model"], registry=r)
+        self.queued = Gauge("rnngen_queued_requests", "Accepted streams waiting for a row", ["model"], registry=r)
+        self.generated = Counter("rnngen_generated_tokens", "Tokens generated (rate() gives tokens/s)", ["model"], registry=r)
+        self.ttft = Histogram("rnngen_time_to_first_token_seconds", "From request to first text", ["model"],
+                              buckets=LATENCY_BUCKETS, registry=r)
+        self.itl = Histogram("rnngen_inter_token_latency_seconds", "Between consecutive messages of a stream", ["model"],
+                             buckets=LATENCY_BUCKETS, registry=r)
+        self.wait = Histogram("rnngen_queue_wait_seconds", "From prefill done to joining the batch", buckets=LATENCY_BUCKETS, registry=r)
+
+    def serve_http(self, port: int, host: str = "127.0.0.1"):
+        """Expose /metrics; returns (server, thread) from prometheus_client."""
+        return start_http_server(port, addr=host, registry=self.registry)
+
+    # Hooks called by the scheduler and the servicer.
+    def load(self, model: str, active: int, queued: int) -> None:
+        self.active.labels(model).set(active)
+        self.queued.labels(model).set(queued)
+
+    def tokens(self, model: str, n: int) -> None:
+        self.generated.labels(model).inc(n)
+
+    def queue_wait(self, seconds: float) -> None:
+        self.wait.observe(seconds)

@@ -1,0 +1,368 @@
+"""`rnngen serve`: the gRPC server (rnngen.v1.Generator) over one scheduler per model.
+
+Protobuf stays at this boundary: requests become `GenerationParams` (validated
+once, here) and the engine's updates become `GenerateResponse` messages. Errors
+map to gRPC status codes in one place (`STATUS_OF`). Health (grpc.health.v1)
+and reflection are served beside it; Prometheus metrics on their own HTTP port.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import os
+import secrets
+import signal
+import threading
+import time
+from concurrent import futures
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from rnngen.engine import FINISH_LENGTH, FINISH_STOP, BatchState, DecodeEngine, Row, resolve_seed, row_generator
+from rnngen.errors import InvalidParameterError, RnngenError, TokenizerError
+from rnngen.metrics import ServerMetrics
+from rnngen.runtime import RnnModel
+from rnngen.sampling import GenerationParams
+from rnngen.scheduler import OverloadedError, Scheduler, ShuttingDownError, Stream
+from rnngen.sessions import (
+    HISTORY_TAIL, SessionCodec, SessionExpiredError, SessionState, SessionTokenError, model_identity, rng_from_state,
+)
+from rnngen.v1 import rnngen_pb2 as pb
+from rnngen.v1 import rnngen_pb2_grpc as pb_grpc
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Generator"].full_name
+
+
+class ModelNotFoundError(RnngenError):
+    """No served model has the requested name (NOT_FOUND)."""
+
+
+# The one place where rnngen errors become gRPC status codes (most specific first).
+STATUS_OF: list[tuple[type, grpc.StatusCode]] = [
+    (SessionExpiredError, grpc.StatusCode.FAILED_PRECONDITION),
+    (SessionTokenError, grpc.StatusCode.INVALID_ARGUMENT),
+    (InvalidParameterError, grpc.StatusCode.INVALID_ARGUMENT),
+    (TokenizerError, grpc.StatusCode.INVALID_ARGUMENT),
+    (ModelNotFoundError, grpc.StatusCode.NOT_FOUND),
+    (OverloadedError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (ShuttingDownError, grpc.StatusCode.UNAVAILABLE),
+]
+
+
+def status_of(exc: Exception) -> grpc.StatusCode:
+    for kind, code in STATUS_OF:
+        if isinstance(exc, kind):
+            return code
+    return grpc.StatusCode.INTERNAL
+
+
+FINISH_TO_PB = {FINISH_LENGTH: pb.FINISH_REASON_LENGTH, FINISH_STOP: pb.FINISH_REASON_STOP}
+
+_OPTIONAL_FIELDS = ("max_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty",
+                    "presence_penalty", "frequency_penalty", "no_repeat_ngram_size", "seed")
+
+
+def params_from_pb(message: pb.GenerationParameters) -> GenerationParams:
+    """Validated generation parameters from a request; unset fields keep the CLI's defaults."""
+    kwargs = {name: getattr(message, name) for name in _OPTIONAL_FIELDS if message.HasField(name)}
+    if message.stop:
+        kwargs["stop"] = tuple(message.stop)
+    if message.on_unknown:
+        kwargs["on_unknown"] = message.on_unknown
+    return GenerationParams(**kwargs)
+
+
+@dataclass
+class ServedModel:
+    name: str
+    model: RnnModel
+    scheduler: Scheduler
+    model_id: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.model_id = model_identity(self.model.file.model_bytes)
+
+    def to_pb(self) -> pb.ModelInfo:
+        c, t = self.model.config, self.model.file.training
+        info = pb.ModelInfo(name=self.name, cell=c.cell, num_layers=c.num_layers, hidden_size=c.hidden_size,
+                            tokenizer=self.model.tokenizer.kind, vocab_size=c.vocab_size, device=self.model.device)
+        if isinstance(t.get("val_loss"), (int, float)):
+            info.val_loss = t["val_loss"]
+        return info
+
+
+class GeneratorService(pb_grpc.GeneratorServicer):
+    def __init__(self, models: list[ServedModel], sessions: SessionCodec, metrics: ServerMetrics):
+        self.models = {m.name: m for m in models}
+        self.default = models[0].name
+        self.sessions = sessions
+        self.metrics = metrics
+        self._in_flight = 0  # Generate calls not yet returned (a drain waits for them)
+        self._in_flight_lock = threading.Lock()
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    def _served(self, name: str) -> ServedModel:
+        served = self.models.get(name or self.default)
+        if served is None:
+            raise ModelNotFoundError(f"model: {name!r} is not served here; served: {', '.join(self.models)}")
+        return served
+
+    def ListModels(self, request, context):
+        return pb.ListModelsResponse(models=[m.to_pb() for m in self.models.values()])
+
+    def Tokenize(self, request, context):
+        with _grpc_errors(context):
+            served = self._served(request.model)
+            return pb.TokenizeResponse(token_ids=served.model.tokenizer.encode(request.text))
+
+    def Generate(self, request, context):
+        start = time.perf_counter()
+        name = request.model or self.default
+        status = "OK"
+        with self._in_flight_lock:
+            self._in_flight += 1
+        try:
+            served = self._served(request.model)
+            params = params_from_pb(request.params)
+            params.check_for_vocab(served.model.config.vocab_size)
+            served.scheduler.reserve()
+            try:
+                stream, logits, state = self._prefill(served, request, params)
+            except BaseException:
+                served.scheduler.release()
+                raise
+            context.add_callback(stream.cancel)  # the client's cancel or deadline frees the row
+            served.scheduler.enqueue(stream, logits, state)
+            yield from self._responses(served, stream, request, start)
+        except RnngenError as exc:
+            status = status_of(exc).name
+            context.abort(status_of(exc), str(exc))
+        except Exception as exc:  # a bug in one stream ends that stream only
+            status = "INTERNAL"
+            context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
+        finally:
+            if not context.is_active() and status == "OK":
+                status = "CANCELLED"
+            self.metrics.requests.labels(name, status).inc()
+            with self._in_flight_lock:
+                self._in_flight -= 1
+
+    def _prefill(self, served: ServedModel, request, params: GenerationParams):
+        model = served.model
+        tokenizer = model.tokenizer
+        if request.WhichOneof("start") == "session":
+            saved = self.sessions.decode(request.session, served.model_id, model.state_names)
+            logits, state = model.step(np.array([saved.pending_token], dtype=np.int64), saved.state)
+            decoder = tokenizer.stream_decoder()
+            decoder.restore(saved.decoder_pending)
+            row = Row(params, rng_from_state(saved.rng_state), decoder, list(saved.history_tail),
+                      generated_before=saved.generated_before)
+            prompt_tokens = 0
+            state = BatchState(state)
+        else:
+            ids = tokenizer.encode(request.prompt, on_unknown=params.on_unknown)
+            prompt_ids = ids if ids else tokenizer.start_ids()
+            logits, state = DecodeEngine(model).prefill(prompt_ids)  # in this handler's thread
+            row = Row(params, row_generator(resolve_seed(params.seed), 0), tokenizer.stream_decoder(), list(prompt_ids))
+            prompt_tokens = len(ids)
+        row.capture_state = request.return_session
+        stream = Stream(row, prompt_tokens)
+        row.tag = stream
+        return stream, logits, state
+
+    def _responses(self, served: ServedModel, stream: Stream, request, start: float):
+        name = served.name
+        last = None
+        while True:
+            update = stream.next_update()
+            if update is None:
+                return
+            if isinstance(update, Exception):
+                raise update
+            now = time.perf_counter()
+            if last is None:
+                self.metrics.ttft.labels(name).observe(now - start)
+            else:
+                self.metrics.itl.labels(name).observe(now - last)
+            last = now
+            if not (update.text or update.finished or request.return_token_ids):
+                continue  # a byte model's unfinished character: nothing to show yet
+            message = pb.GenerateResponse(text=update.text)
+            if request.return_token_ids:
+                message.token_ids.append(update.token)
+            if update.finished:
+                row = update.row
+                message.finish_reason = FINISH_TO_PB[row.finish_reason]
+                message.usage.prompt_tokens = stream.prompt_tokens
+                message.usage.completion_tokens = len(row.generated)
+                if request.return_session:
+                    message.session = self._session_token(served, row)
+            yield message
+
+    def _session_token(self, served: ServedModel, row: Row) -> bytes:
+        saved = SessionState(served.model_id, row.final_state, row.generated[-1], row.rng.bit_generator.state,
+                             row.decoder.save(), row.history[-HISTORY_TAIL:], row.generated_before + len(row.generated))
+        return self.sessions.encode(saved, served.model.state_names)
+
+
+@contextlib.contextmanager
+def _grpc_errors(context):
+    try:
+        yield
+    except RnngenError as exc:
+        context.abort(status_of(exc), str(exc))
+
+
+class BearerAuth(grpc.ServerInterceptor):
+    """Requires `authorization: Bearer <token>` (constant-time comparison); health and reflection stay open."""
+
+    OPEN_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
+
+    def __init__(self, token: str):
+        self._expected = f"Bearer {token}".encode()
+
+        def deny(request, context):
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
+
+        self._deny_unary = grpc.unary_unary_rpc_method_handler(deny)
+        self._deny_stream = grpc.unary_stream_rpc_method_handler(deny)
+
+    def intercept_service(self, continuation, details):
+        if details.method.startswith(self.OPEN_PREFIXES):
+            return continuation(details)
+        given = dict(details.invocation_metadata).get("authorization", "")
+        if hmac.compare_digest(given.encode(), self._expected):
+            return continuation(details)
+        return self._deny_stream if details.method.endswith("/Generate") else self._deny_unary
+
+
+@dataclass
+class ServerConfig:
+    models: list[Path]
+    host: str = "127.0.0.1"
+    port: int = 50051  # 0 picks a free port
+    metrics_port: int | None = None  # None: no metrics endpoint; 0 picks a free port
+    max_active: int = 256  # streams decoding at once, per model
+    max_queued: int = 512  # accepted streams waiting for a row, per model
+    device: str = "auto"
+    session_secret: bytes | None = None  # None: a random secret (sessions valid on this process only)
+    session_ttl_s: float = 24 * 3600
+    auth_token: str | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    grace_s: float = 30.0  # SIGTERM: time for in-flight streams to finish
+    per_stream: bool = False  # benchmark baseline: no batching across streams
+
+    def __post_init__(self) -> None:
+        for name, value, lo in (("max_active", self.max_active, 1), ("max_queued", self.max_queued, 0),
+                                ("port", self.port, 0)):
+            if not isinstance(value, int) or value < lo:
+                raise InvalidParameterError(f"{name}: {value!r} must be an integer >= {lo}")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise InvalidParameterError("TLS needs both --tls-cert and --tls-key")
+        if not self.models:
+            raise InvalidParameterError("model: give at least one --model")
+
+
+class RnngenServer:
+    """A running server: `start()`, then `wait()` (blocks until shutdown) or `shutdown()`."""
+
+    def __init__(self, config: ServerConfig):
+        self.config = config
+        self.metrics = ServerMetrics()
+        served = []
+        for path in config.models:
+            name = Path(path).stem
+            if any(m.name == name for m in served):
+                raise InvalidParameterError(f"model: two models are named {name!r}; rename one file")
+            model = RnnModel.load(path, device=config.device)
+            scheduler = Scheduler(model, name, config.max_active, config.max_queued, config.per_stream, self.metrics)
+            served.append(ServedModel(name, model, scheduler))
+        self.models = served
+        secret = config.session_secret or secrets.token_bytes(32)
+        self.service = GeneratorService(served, SessionCodec(secret, config.session_ttl_s), self.metrics)
+        workers = len(served) * (config.max_active + config.max_queued) + 16  # a thread per stream, plus room for health
+        interceptors = [BearerAuth(config.auth_token)] if config.auth_token else []
+        self.grpc_server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), interceptors=interceptors,
+                                       maximum_concurrent_rpcs=workers)
+        pb_grpc.add_GeneratorServicer_to_server(self.service, self.grpc_server)
+        self.health = health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
+        reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc_server)
+        address = f"{config.host}:{config.port}"
+        if config.tls_cert:
+            creds = grpc.ssl_server_credentials([(Path(config.tls_key).read_bytes(), Path(config.tls_cert).read_bytes())])
+            self.port = self.grpc_server.add_secure_port(address, creds)
+        else:
+            self.port = self.grpc_server.add_insecure_port(address)
+        if self.port == 0:
+            raise RnngenError(f"cannot listen on {address}")
+        self.metrics_port = None
+        self._metrics_http = None
+        self._stopped = threading.Event()
+
+    def start(self) -> "RnngenServer":
+        if self.config.metrics_port is not None:
+            self._metrics_http, _ = self.metrics.serve_http(self.config.metrics_port, self.config.host)
+            self.metrics_port = self._metrics_http.server_port
+        self.grpc_server.start()
+        for status_name in ("", SERVICE_NAME):
+            self.health.set(status_name, health_pb2.HealthCheckResponse.SERVING)
+        return self
+
+    def drain(self, grace_s: float | None = None) -> None:
+        """Stop accepting (health NOT_SERVING, new calls UNAVAILABLE), let in-flight streams finish, stop."""
+        grace = self.config.grace_s if grace_s is None else grace_s
+        self.health.enter_graceful_shutdown()
+        for m in self.models:
+            m.scheduler.stop_accepting()
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline and self.service.in_flight:
+            time.sleep(0.02)
+        self.grpc_server.stop(0).wait()
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()
+        self._stopped.set()
+
+    def shutdown(self) -> None:
+        self.drain(0)
+
+    def wait(self) -> None:
+        self._stopped.wait()
+
+
+def serve_forever(config: ServerConfig, announce=print) -> None:
+    """Run until SIGTERM or SIGINT, then drain within the grace period and return (exit code 0)."""
+    server = RnngenServer(config).start()
+    names = ", ".join(f"{m.name} ({m.model.config.cell} {m.model.config.num_layers}x{m.model.config.hidden_size}, "
+                      f"{m.model.device})" for m in server.models)
+    scheme = "tls" if config.tls_cert else "plaintext"
+    announce(f"rnngen serving {names} on {config.host}:{server.port} ({scheme})"
+             + (f", metrics on http://{config.host}:{server.metrics_port}/metrics" if server.metrics_port else ""))
+
+    def on_signal(signum, frame):
+        announce(f"received {signal.Signals(signum).name}: draining (grace {config.grace_s:g} s)")
+        threading.Thread(target=server.drain, daemon=True).start()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    server.wait()
+    announce("stopped")
+
+
+def load_secret(path: str | None) -> bytes | None:
+    """The session secret from a file, or from RNNGEN_SESSION_SECRET; None when neither is set."""
+    if path:
+        return Path(path).read_bytes().strip()
+    env = os.environ.get("RNNGEN_SESSION_SECRET")
+    return env.encode() if env else None
+

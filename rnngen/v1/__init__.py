@@ -1,0 +1,1 @@
+"""Generated gRPC stubs for proto/rnngen/v1 (scripts/generate_stubs.sh); do not edit."""

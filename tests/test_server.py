@@ -1,0 +1,356 @@
+"""A real gRPC server on 127.0.0.1: streaming, batching, cancel, overload, drain, TLS, auth, sessions."""
+
+import os
+import re
+import resource
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from rnngen.client import RnngenClient
+from rnngen.generation import generate
+from rnngen.runtime import RnnModel
+from rnngen.sampling import GenerationParams
+from rnngen.server import RnngenServer, ServerConfig
+from rnngen.v1 import rnngen_pb2 as pb
+from rnngen.v1 import rnngen_pb2_grpc as pb_grpc
+
+SECRET = b"test-secret-0123456789abcdef"
+
+
+@pytest.fixture
+def start_server(char_model_file):
+    servers = []
+
+    def start(**kw):
+        kw.setdefault("session_secret", SECRET)
+        config = ServerConfig(models=[kw.pop("models", char_model_file)], host="127.0.0.1", port=0, **kw)
+        server = RnngenServer(config).start()
+        servers.append(server)
+        return server
+
+    yield start
+    for s in servers:
+        s.shutdown()
+
+
+def client_for(server, **kw):
+    return RnngenClient(f"127.0.0.1:{server.port}", **kw)
+
+
+def collect(stream):
+    messages = list(stream)
+    return "".join(m.text for m in messages), messages[-1]
+
+
+def wait_until(predicate, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.01)
+    return predicate()
+
+
+def test_streams_text_and_reports_usage(start_server, char_model_file):
+    server = start_server()
+    with client_for(server) as client:
+        params = GenerationParams(max_new_tokens=50, seed=3)
+        messages = list(client.generate("the ", params=params, return_token_ids=True))
+    assert len(messages) >= 10  # streamed, not one message at the end
+    text = "".join(m.text for m in messages)
+    last = messages[-1]
+    assert last.finish_reason == pb.FINISH_REASON_LENGTH
+    assert last.usage.prompt_tokens == 4 and last.usage.completion_tokens == 50
+    assert sum(len(m.token_ids) for m in messages) == 50
+    assert all(m.finish_reason == pb.FINISH_REASON_UNSPECIFIED for m in messages[:-1])
+    local = generate(RnnModel.load(char_model_file, device="cpu"), "the ", params)
+    assert text == local.text
+
+
+def test_concurrent_streams_share_steps_and_decode_as_alone(start_server, char_model_file):
+    server = start_server()
+    local = RnnModel.load(char_model_file, device="cpu")
+    jobs = [("the ", GenerationParams(max_new_tokens=80, seed=s, temperature=0.5 + s / 10, top_k=s % 5)) for s in range(12)]
+    results = [None] * len(jobs)
+
+    def run(i):
+        with client_for(server) as client:
+            results[i] = collect(client.generate(jobs[i][0], params=jobs[i][1]))[0]
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(jobs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    for (prompt, params), text in zip(jobs, results):
+        assert text == generate(local, prompt, params).text
+
+
+def test_cancel_mid_stream_frees_the_row(start_server):
+    server = start_server()
+    scheduler = server.models[0].scheduler
+    with client_for(server) as client:
+        call = client.generate("a", params=GenerationParams(max_new_tokens=100_000, seed=1))
+        next(call)
+        assert scheduler.active == 1
+        call.cancel()
+        assert wait_until(lambda: scheduler.active == 0)
+        again = collect(client.generate("a", params=GenerationParams(max_new_tokens=5, seed=1)))[1]
+        assert again.usage.completion_tokens == 5
+
+
+def test_deadline_ends_the_stream_and_frees_the_row(start_server):
+    server = start_server()
+    with client_for(server) as client:
+        with pytest.raises(grpc.RpcError) as err:
+            collect(client.generate("a", params=GenerationParams(max_new_tokens=10_000_000), timeout=0.3))
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert wait_until(lambda: server.models[0].scheduler.active == 0)
+
+
+def health_status(port, service=""):
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=2).status
+
+
+def test_overload_is_refused_at_once_while_accepted_streams_go_on(start_server):
+    server = start_server(max_active=1, max_queued=1)
+    with client_for(server) as client:
+        first = client.generate("a", params=GenerationParams(max_new_tokens=100_000, seed=1))
+        next(first)
+        second = client.generate("b", params=GenerationParams(max_new_tokens=100_000, seed=2))  # queued
+        assert wait_until(lambda: server.models[0].scheduler.queued == 1)
+        t0 = time.monotonic()
+        with pytest.raises(grpc.RpcError) as err:
+            next(client.generate("c", params=GenerationParams(max_new_tokens=10)))
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "at capacity" in err.value.details()
+        assert time.monotonic() - t0 < 2.0
+        assert health_status(server.port) == health_pb2.HealthCheckResponse.SERVING
+        assert next(first).text is not None  # the accepted stream keeps going
+        first.cancel()
+        assert next(second) is not None  # the queued one gets the freed row
+        second.cancel()
+
+
+def test_drain_stops_accepting_and_finishes_in_flight_streams(start_server):
+    server = start_server()
+    with client_for(server) as client:
+        running = client.generate("a", params=GenerationParams(max_new_tokens=3000, seed=1))
+        next(running)
+        drainer = threading.Thread(target=server.drain, kwargs={"grace_s": 20})
+        drainer.start()
+        assert wait_until(lambda: health_status(server.port) == health_pb2.HealthCheckResponse.NOT_SERVING)
+        with pytest.raises(grpc.RpcError) as err:
+            next(client.generate("b", params=GenerationParams(max_new_tokens=5)))
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        last = list(running)[-1]
+        assert last.finish_reason == pb.FINISH_REASON_LENGTH and last.usage.completion_tokens == 3000
+        drainer.join(10)
+        assert not drainer.is_alive()
+
+
+def test_sigterm_drains_and_exits_zero(char_model_file):
+    proc = subprocess.Popen([sys.executable, "-m", "rnngen", "serve", "-m", str(char_model_file), "--port", "0",
+                             "--grace", "20"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        port = int(re.search(r"127\.0\.0\.1:(\d+)", line).group(1))
+        with RnngenClient(f"127.0.0.1:{port}") as client:
+            stream = client.generate("a", params=GenerationParams(max_new_tokens=2000, seed=1))
+            next(stream)
+            proc.send_signal(signal.SIGTERM)
+            last = list(stream)[-1]
+            assert last.usage.completion_tokens == 2000
+        assert proc.wait(20) == 0
+        assert "draining" in proc.stdout.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_session_resume_continues_exactly(start_server, char_model_file):
+    server_a = start_server()
+    server_b = start_server()  # another replica sharing the secret
+    params = GenerationParams(max_new_tokens=60, seed=11, stop=())
+    with client_for(server_a) as a, client_for(server_b) as b:
+        first, last = collect(a.generate("to be", params=params, return_session=True))
+        assert last.session
+        rest, last2 = collect(b.generate(session=last.session, params=params, return_session=True))
+        more, _ = collect(a.generate(session=last2.session, params=params))
+        whole, _ = collect(a.generate("to be", params=GenerationParams(max_new_tokens=180, seed=11)))
+    assert first + rest + more == whole
+    local = generate(RnnModel.load(char_model_file, device="cpu"), "to be", GenerationParams(max_new_tokens=180, seed=11))
+    assert whole == local.text
+
+
+def test_tampered_foreign_expired_and_wrong_model_tokens_are_refused(start_server, char_model_file, byte_model_file):
+    server = start_server()
+    other = start_server(session_secret=b"another-secret-0123456789")
+    expiring = start_server(session_ttl_s=0.0)
+    two = start_server(models=byte_model_file)
+    with client_for(server) as c:
+        token = collect(c.generate("a", params=GenerationParams(max_new_tokens=5, seed=1), return_session=True))[1].session
+        tampered = bytearray(token)
+        tampered[40] ^= 1
+
+        def refused(client, tok):
+            with pytest.raises(grpc.RpcError) as err:
+                collect(client.generate(session=bytes(tok), params=GenerationParams(max_new_tokens=5)))
+            return err.value.code(), err.value.details()
+
+        assert refused(c, tampered) == (grpc.StatusCode.INVALID_ARGUMENT, "session: signature does not match (tampered, or issued by a server with another secret)")
+        assert refused(c, b"garbage")[0] == grpc.StatusCode.INVALID_ARGUMENT
+        with client_for(other) as o:
+            code, details = refused(o, token)
+            assert code == grpc.StatusCode.INVALID_ARGUMENT and "signature" in details
+        with client_for(expiring) as e:
+            short = collect(e.generate("a", params=GenerationParams(max_new_tokens=3), return_session=True))[1].session
+            time.sleep(1.1)
+            code, details = refused(e, short)
+            assert code == grpc.StatusCode.FAILED_PRECONDITION and "expired" in details
+    two_token_server = start_server(models=char_model_file)
+    with client_for(two_token_server) as c2, client_for(two) as b:
+        token2 = collect(c2.generate("a", params=GenerationParams(max_new_tokens=3), return_session=True))[1].session
+        code, details = refused(b, token2)
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and "another model" in details
+
+
+@pytest.mark.parametrize("params,needle", [
+    (pb.GenerationParameters(temperature=float("nan")), "temperature: nan"),
+    (pb.GenerationParameters(temperature=-1), "temperature: -1.0"),
+    (pb.GenerationParameters(top_p=0.0), "top_p: 0.0 is outside (0, 1]"),
+    (pb.GenerationParameters(top_k=10**6), "top_k: 1000000 is larger than the model's vocabulary"),
+    (pb.GenerationParameters(max_new_tokens=0), "max_new_tokens: 0"),
+    (pb.GenerationParameters(seed=2**64 - 1), "seed: 18446744073709551615"),
+    (pb.GenerationParameters(repetition_penalty=float("inf")), "repetition_penalty: inf"),
+    (pb.GenerationParameters(on_unknown="ignore"), "on_unknown: 'ignore'"),
+    (pb.GenerationParameters(stop=[""]), "stop: '' is not a non-empty string"),
+])
+def test_invalid_parameters_name_field_value_and_range(start_server, params, needle):
+    server = start_server()
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        stub = pb_grpc.GeneratorStub(channel)
+        with pytest.raises(grpc.RpcError) as err:
+            list(stub.Generate(pb.GenerateRequest(prompt="a", params=params)))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert needle in err.value.details()
+
+
+def test_unknown_model_and_bad_prompt(start_server):
+    server = start_server()
+    with client_for(server) as client:
+        with pytest.raises(grpc.RpcError) as err:
+            collect(client.generate("a", model="gpt"))
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND and "'gpt' is not served" in err.value.details()
+        with pytest.raises(grpc.RpcError) as err:
+            collect(client.generate("ZZZ"))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "'Z'" in err.value.details()
+        assert [m.name for m in client.list_models()] == ["char"]
+        assert client.tokenize("ab") == [1, 2] or len(client.tokenize("ab")) == 2
+
+
+def make_cert(tmp_path):
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+                    "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+                   check=True, capture_output=True)
+    return key, cert
+
+
+def test_tls_and_bearer_auth(start_server, tmp_path):
+    if subprocess.run(["which", "openssl"], capture_output=True).returncode != 0:
+        pytest.skip("openssl is not installed")
+    key, cert = make_cert(tmp_path)
+    server = start_server(tls_cert=cert, tls_key=key, auth_token="s3cret")
+    target = f"localhost:{server.port}"
+    with RnngenClient(target, tls_ca=cert, token="s3cret") as client:
+        text, last = collect(client.generate("a", params=GenerationParams(max_new_tokens=10, seed=1)))
+        assert last.usage.completion_tokens == 10
+    for token in (None, "wrong", "s3cret "):
+        with RnngenClient(target, tls_ca=cert, token=token) as client:
+            with pytest.raises(grpc.RpcError) as err:
+                collect(client.generate("a"))
+            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    with RnngenClient(target) as plaintext:
+        with pytest.raises(grpc.RpcError) as err:
+            plaintext.list_models()
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    creds = grpc.ssl_channel_credentials(root_certificates=cert.read_bytes())
+    with grpc.secure_channel(target, creds) as channel:  # health answers without the token
+        status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2).status
+        assert status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_metrics_endpoint(start_server):
+    server = start_server(metrics_port=0)
+    with client_for(server) as client:
+        collect(client.generate("a", params=GenerationParams(max_new_tokens=20, seed=1)))
+        with pytest.raises(grpc.RpcError):
+            collect(client.generate("a", params=GenerationParams(max_new_tokens=20), model="nope"))
+    body = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=5).read().decode()
+    assert 'rnngen_requests_total{model="char",status="OK"} 1.0' in body
+    assert 'rnngen_requests_total{model="nope",status="NOT_FOUND"} 1.0' in body
+    assert 'rnngen_generated_tokens_total{model="char"} 20.0' in body
+    for name in ("rnngen_active_streams", "rnngen_queued_requests", "rnngen_time_to_first_token_seconds_bucket",
+                 "rnngen_inter_token_latency_seconds_bucket"):
+        assert name in body
+
+
+def rss_mb():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e6
+
+
+def test_soak_many_requests_some_cancelled(start_server):
+    server = start_server(max_active=32, max_queued=64)
+    scheduler = server.models[0].scheduler
+    total, workers = 600, 12
+    counter = iter(range(total))
+    lock = threading.Lock()
+    outcomes = {"done": 0, "cancelled": 0, "errors": 0}
+
+    def worker():
+        with client_for(server) as client:
+            while True:
+                with lock:
+                    i = next(counter, None)
+                if i is None:
+                    return
+                stream = client.generate("the ", params=GenerationParams(max_new_tokens=30, seed=i))
+                try:
+                    if i % 5 == 0:  # a fifth cancelled mid-stream
+                        next(stream)
+                        stream.cancel()
+                        key = "cancelled"
+                    else:
+                        assert list(stream)[-1].usage.completion_tokens == 30
+                        key = "done"
+                except grpc.RpcError:
+                    key = "errors"
+                with lock:
+                    outcomes[key] += 1
+
+    warm = threading.Thread(target=worker)
+    counter_warm, counter = counter, iter(range(60))
+    warm.start()
+    warm.join(60)
+    counter = counter_warm
+    before = rss_mb()
+    threads = [threading.Thread(target=worker) for _ in range(workers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert outcomes["errors"] == 0
+    assert outcomes["cancelled"] >= 100 and outcomes["done"] >= 400
+    assert wait_until(lambda: scheduler.active == 0 and scheduler.queued == 0)
+    assert rss_mb() - before < 100, (before, rss_mb())
