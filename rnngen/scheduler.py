@@ -43,15 +43,27 @@ class Stream:
     updates: "queue.SimpleQueue" = field(default_factory=queue.SimpleQueue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     enqueued_at: float = field(default_factory=time.perf_counter)
+    ended: bool = False  # the scheduler's end marker has been read
 
     def cancel(self) -> None:
         """Ask for the row to leave; the scheduler frees it at its next step boundary."""
         self.cancelled.set()
 
-    def next_update(self, timeout: float | None = None):
-        """The next RowUpdate, or None once the stream is over."""
-        item = self.updates.get(timeout=timeout)
-        return None if item is _DONE else item
+    def next_updates(self) -> list[RowUpdate]:
+        """Every RowUpdate waiting (blocks for the first); [] once the stream is over. Raises a step's error."""
+        if self.ended:
+            return []
+        items = [self.updates.get()]
+        while items[-1] is not _DONE and not isinstance(items[-1], Exception):
+            try:
+                items.append(self.updates.get_nowait())
+            except queue.Empty:
+                break
+        self.ended = items[-1] is _DONE or isinstance(items[-1], Exception)
+        for item in items:
+            if isinstance(item, Exception):
+                raise item
+        return [item for item in items if item is not _DONE]
 
 
 class Scheduler:

@@ -183,24 +183,25 @@ class GeneratorService(pb_grpc.GeneratorServicer):
         name = served.name
         last = None
         while True:
-            update = stream.next_update()
-            if update is None:
+            updates = stream.next_updates()  # everything decoded since the last message, at least one
+            if not updates:
                 return
-            if isinstance(update, Exception):
-                raise update
             now = time.perf_counter()
             if last is None:
                 self.metrics.ttft.labels(name).observe(now - start)
             else:
                 self.metrics.itl.labels(name).observe(now - last)
             last = now
-            if not (update.text or update.finished or request.return_token_ids):
+            text = "".join(u.text for u in updates)
+            final = updates[-1] if updates[-1].finished else None
+            if not (text or final or request.return_token_ids):
                 continue  # a byte model's unfinished character: nothing to show yet
-            message = pb.GenerateResponse(text=update.text)
+            # A reader that keeps up gets one message per token; one that lags gets the backlog in one message.
+            message = pb.GenerateResponse(text=text)
             if request.return_token_ids:
-                message.token_ids.append(update.token)
-            if update.finished:
-                row = update.row
+                message.token_ids.extend(u.token for u in updates)
+            if final is not None:
+                row = final.row
                 message.finish_reason = FINISH_TO_PB[row.finish_reason]
                 message.usage.prompt_tokens = stream.prompt_tokens
                 message.usage.completion_tokens = len(row.generated)
