@@ -157,6 +157,10 @@ class DecodeEngine:
         self.rows: list[Row] = []
         self.state: BatchState | None = None
         self.logits: np.ndarray | None = None  # (B, V) float32: next-token logits of each row
+        # The graph samples temperature-only rows' next tokens during each step (-1: not known yet,
+        # e.g. right after a prefill); log_z is each row's log softmax denominator (nan: not known).
+        self.next_tokens: np.ndarray | None = None  # (B,) int64
+        self.log_z: np.ndarray | None = None  # (B,) float32
         self._dirty = True  # membership changed: per-row parameter arrays need rebuilding
         self._rp: RowParams | None = None
         self._seen: np.ndarray | None = None  # (B, V) bool, for the repetition penalty
@@ -182,11 +186,16 @@ class DecodeEngine:
         for row in rows:
             row.params.check_for_vocab(self.model.config.vocab_size)
         self._sync_from_device()
+        unknown = np.full(len(rows), -1, dtype=np.int64)
+        no_log_z = np.full(len(rows), np.nan, dtype=np.float32)
         if self.state is None or not self.rows:
             self.rows, self.logits, self.state = list(rows), np.array(logits, dtype=np.float32), state
+            self.next_tokens, self.log_z = unknown, no_log_z
         else:
             self.rows = self.rows + list(rows)
             self.logits = np.concatenate([self.logits, logits.astype(np.float32)])
+            self.next_tokens = np.concatenate([self.next_tokens, unknown])
+            self.log_z = np.concatenate([self.log_z, no_log_z])
             self.state = BatchState.concat([self.state, state])
         self._dirty = True
         self._sync_to_device()
@@ -203,9 +212,11 @@ class DecodeEngine:
             raise ValueError("a copied row must be a Row.clone(), not the same object twice")
         if indices:
             self.logits = self.logits[indices]
+            self.next_tokens = self.next_tokens[indices]
+            self.log_z = self.log_z[indices]
             self.state = self.state.select(indices)
         else:
-            self.logits, self.state = None, None
+            self.logits = self.next_tokens = self.log_z = self.state = None
         self._dirty = True
         self._sync_to_device()
 
@@ -256,13 +267,25 @@ class DecodeEngine:
             if self._seen is not None or self._counts is not None:
                 self._rebuild()  # cheap relative to a step, and keeps the arrays aligned with the rows
         if self.rows:
-            if self._bound is not None:
-                self.logits = self._bound.step(tokens)
-                self._state_on_device = True
-            else:
-                self.logits, new_state = self.model.step(tokens, self.state.arrays)
-                self.state = BatchState(new_state)
+            self._run_model(tokens)
         return updates
+
+    def _run_model(self, tokens: np.ndarray) -> None:
+        """One batched model call; temperature-only rows get their next token sampled in the graph."""
+        if self._dirty:
+            self._rebuild()
+        rp = self._rp
+        uniform = np.zeros(len(self.rows), dtype=np.float32)
+        for i in rp.graph_sampled:  # each such row draws its next token's uniform now, one per token as always
+            uniform[i] = self.rows[i].rng.random()
+        temperature = rp.temperature.astype(np.float32)
+        if self._bound is not None:
+            self.logits, self.next_tokens, self.log_z = self._bound.step(tokens, temperature, uniform)
+            self._state_on_device = True
+        else:
+            self.logits, self.next_tokens, self.log_z, new_state = self.model.step_sample(
+                tokens, self.state.arrays, temperature, uniform)
+            self.state = BatchState(new_state)
 
     def current_state(self) -> BatchState | None:
         """The batch's state on the host (read back from the device when it lives there)."""
@@ -293,32 +316,49 @@ class DecodeEngine:
         self._dirty = False
 
     def _choose_tokens(self) -> tuple[np.ndarray, np.ndarray]:
-        """Tokens (B,) and their log-probabilities under the model (before any processing)."""
+        """Tokens (B,) and their log-probabilities under the model (before any processing).
+
+        Temperature-only rows take the token the graph already sampled; the others (and rows
+        just prefilled) go through the numpy processors on their logits.
+        """
         raw = self.logits  # (B, V) float32
-        z = raw - raw.max(axis=1, keepdims=True)  # shifted so the largest logit is 0: exp() is safe
-        log_z = np.log(np.exp(z).sum(axis=1))  # log of the softmax denominator, per row
+        rows_idx = np.arange(len(raw))
         rp = self._rp
+        from_graph = rp.simple & (self.next_tokens >= 0)
+        if from_graph.all():
+            tokens = self.next_tokens
+            return tokens, raw[rows_idx, tokens] - self.log_z
+        tokens = self.next_tokens.copy()
+        log_z = self.log_z.astype(np.float64)
+        need = np.flatnonzero(~from_graph)
+        sub = raw[need]
+        peak = sub.max(axis=1, keepdims=True)
+        z = sub - peak  # shifted so the largest logit is 0: exp() is safe
+        log_z[need] = peak[:, 0] + np.log(np.exp(z).sum(axis=1))
+        sub_rp = rp if len(need) == len(raw) else rp.take(need)
+        rows = [self.rows[i] for i in need]
         x = z
-        if rp.uses_repetition or rp.uses_counts or rp.uses_ngrams:
+        if sub_rp.uses_repetition or sub_rp.uses_counts or sub_rp.uses_ngrams:
             x = z.astype(np.float64)
-            if rp.uses_repetition or rp.uses_counts:
-                x = apply_penalties(x, rp, self._seen, self._counts)
-            for i, row in enumerate(self.rows) if rp.uses_ngrams else ():
+            if sub_rp.uses_repetition or sub_rp.uses_counts:
+                seen = None if self._seen is None else self._seen[need]
+                counts = None if self._counts is None else self._counts[need]
+                x = apply_penalties(x, sub_rp, seen, counts)
+            for i, row in enumerate(rows) if sub_rp.uses_ngrams else ():
                 banned = banned_by_ngrams(row.history, row.params.no_repeat_ngram_size)
                 if banned:
                     x[i, banned] = -np.inf
-        rows = self.rows
-        if rp.all_greedy:
-            tokens = x.argmax(axis=1)
+        if sub_rp.all_greedy:
+            chosen = x.argmax(axis=1)
         else:
-            probs = filtered_probs(x, rp)
+            probs = filtered_probs(x, sub_rp)
             if len(rows) == 1:
                 cdf = probs[0].cumsum()
-                tokens = np.array([min(int(cdf.searchsorted(rows[0].rng.random() * cdf[-1], "right")), len(cdf) - 1)])
+                chosen = np.array([min(int(cdf.searchsorted(rows[0].rng.random() * cdf[-1], "right")), len(cdf) - 1)])
             else:
-                uniforms = np.fromiter((row.rng.random() for row in rows), dtype=np.float64, count=len(rows))
-                tokens = draw(probs, uniforms)
-            if rp.any_greedy:
-                tokens = np.where(rp.greedy, x.argmax(axis=1), tokens)
-        logprobs = z[np.arange(len(tokens)), tokens] - log_z
-        return tokens, logprobs
+                uniforms = np.array([0.0 if g else row.rng.random() for row, g in zip(rows, sub_rp.greedy)])
+                chosen = draw(probs, uniforms)
+            if sub_rp.any_greedy:
+                chosen = np.where(sub_rp.greedy, x.argmax(axis=1), chosen)
+        tokens[need] = chosen
+        return tokens, raw[rows_idx, tokens] - log_z

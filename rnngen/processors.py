@@ -46,6 +46,15 @@ class RowParams:
         self.uses_top_k = bool(np.any(self.top_k > 0))
         self.uses_top_p = bool(np.any(self.top_p < 1.0))
         self.uses_min_p = bool(np.any(self.min_p > 0.0))
+        # Rows that need nothing but temperature: the step graph samples their next token itself.
+        self.simple = ((self.top_k == 0) & (self.top_p >= 1.0) & (self.min_p == 0.0) & (self.repetition == 1.0)
+                       & (self.presence == 0.0) & (self.frequency == 0.0) & (self.no_repeat_ngram == 0))
+        self.graph_sampled = np.flatnonzero(self.simple & ~self.greedy).tolist()  # rows that draw for the graph
+
+    def take(self, index: np.ndarray) -> "RowParams":
+        """The parameters of some rows only."""
+        return RowParams(self.temperature[index], self.top_k[index], self.top_p[index], self.min_p[index],
+                         self.repetition[index], self.presence[index], self.frequency[index], self.no_repeat_ngram[index])
 
     @classmethod
     def from_params(cls, params: list) -> "RowParams":

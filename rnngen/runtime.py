@@ -16,7 +16,7 @@ import numpy as np
 from rnngen.errors import DeviceError, InvalidParameterError, ModelFormatError
 from rnngen.modelfile import ModelFile, read_model_file
 from rnngen.onnx_graph import LOGITS, TOKENS, state_output_name
-from rnngen.step_graph import derive_step_model
+from rnngen.step_graph import LOG_Z, NEXT_TOKEN, SAMPLE_TEMPERATURE, SAMPLE_UNIFORM, add_sampling_head, derive_step_model
 
 DEVICES = ("auto", "cpu", "cuda")
 CPU_PROVIDER = "CPUExecutionProvider"
@@ -104,6 +104,7 @@ class RnnModel:
         self.state_names = self.config.state_names
         self._state_outputs = [state_output_name(s) for s in self.state_names]
         self._outputs = [LOGITS, *self._state_outputs]
+        self._sample_outputs = [*self._outputs, NEXT_TOKEN, LOG_Z]
         providers = select_providers(device)
         so = ort.SessionOptions()
         so.log_severity_level = 3  # errors only: no warnings noise on the user's terminal
@@ -117,8 +118,9 @@ class RnnModel:
         except Exception as exc:  # onnxruntime raises its own exception types
             raise ModelFormatError(f"{model_file.path}: onnxruntime cannot load the graph: {exc}") from None
         self.providers = self.session.get_providers()
-        # Decoding steps go through the loop-free step graph derived from the same file.
-        step_proto = derive_step_model(_full_proto(model_file))
+        # Decoding steps go through the loop-free step graph derived from the same file, with
+        # temperature sampling of the next token added inside it (rows that need more use the logits).
+        step_proto = add_sampling_head(derive_step_model(_full_proto(model_file)))
         self.step_session = ort.InferenceSession(step_proto.SerializeToString(), sess_options=so, providers=self.providers)
         if device == "cuda" and CUDA_PROVIDER not in self.providers:
             raise DeviceError("--device cuda: onnxruntime did not enable the CUDA provider for this model")
@@ -144,10 +146,24 @@ class RnnModel:
 
     def step(self, tokens: np.ndarray, state: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """One decoding step for a batch: tokens (B,) → logits (B, V) and the next state."""
-        feeds = {TOKENS: tokens.reshape(-1, 1)}
+        zeros = np.zeros(len(tokens), dtype=np.float32)
+        feeds = {TOKENS: tokens.reshape(-1, 1), SAMPLE_TEMPERATURE: zeros, SAMPLE_UNIFORM: zeros}
         feeds.update(state)
         logits, *new_state = self.step_session.run(self._outputs, feeds)
         return logits[:, 0], dict(zip(self.state_names, new_state))
+
+    def step_sample(self, tokens: np.ndarray, state: dict[str, np.ndarray], temperature: np.ndarray,
+                    uniform: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+        """A step that also samples each row's next token in the graph (temperature only; 0 is greedy).
+
+        Returns logits (B, V), next tokens (B,), log_z (B,) (log of each row's softmax denominator) and the state.
+        """
+        feeds = {TOKENS: tokens.reshape(-1, 1), SAMPLE_TEMPERATURE: temperature, SAMPLE_UNIFORM: uniform}
+        feeds.update(state)
+        logits, *rest = self.step_session.run(self._sample_outputs, feeds)
+        new_state = rest[: len(self.state_names)]
+        next_tokens, log_z = rest[len(self.state_names) :]
+        return logits[:, 0], next_tokens, log_z, dict(zip(self.state_names, new_state))
 
 
 def _full_proto(model_file: ModelFile):
@@ -199,15 +215,25 @@ class BoundStepper:
         """Device state → host (for row changes, or to save a session)."""
         return {name: value.numpy() for name, value in self._current.items()}
 
-    def step(self, tokens: np.ndarray) -> np.ndarray:
-        """One step for the bound batch: tokens (B,) → logits (B, V) on the host; the state stays put."""
+    def step(self, tokens: np.ndarray, temperature: np.ndarray | None = None,
+             uniform: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """One step for the bound batch: logits (B, V), next tokens (B,) and log_z (B,) on the host.
+
+        The state stays on the device. (On CUDA, a batch of temperature-only rows could leave the
+        logits there too; they come back here because rows with other processors need them.)
+        """
+        if temperature is None:
+            temperature = uniform = np.zeros(len(tokens), dtype=np.float32)
         binding = self.session.io_binding()
         binding.bind_cpu_input(TOKENS, np.ascontiguousarray(tokens.reshape(-1, 1), dtype=np.int64))
-        binding.bind_output(LOGITS, "cpu")  # bound first: outputs come back in binding order
+        binding.bind_cpu_input(SAMPLE_TEMPERATURE, temperature)
+        binding.bind_cpu_input(SAMPLE_UNIFORM, uniform)
+        for name in (LOGITS, NEXT_TOKEN, LOG_Z):  # bound first: outputs come back in binding order
+            binding.bind_output(name, "cpu")
         for name in self.model.state_names:
             binding.bind_ortvalue_input(name, self._current[name])
             binding.bind_ortvalue_output(state_output_name(name), self._spare[name])
         self.session.run_with_iobinding(binding)
-        logits = binding.copy_outputs_to_cpu()[0]
+        logits, next_tokens, log_z = binding.copy_outputs_to_cpu()[:3]
         self._current, self._spare = self._spare, self._current
-        return logits[:, 0]
+        return logits[:, 0], next_tokens, log_z

@@ -197,8 +197,42 @@ def test_bound_stepper_matches_plain_steps_and_reads_state_back(rnn):
     plain = state
     for t in range(5):
         tokens = np.array([t, t + 1, t + 2])
-        got = stepper.step(tokens)
+        got, next_tokens, log_z = stepper.step(tokens)  # temperature 0: the graph picks the argmax
         want, plain = rnn.step(tokens, plain)
         np.testing.assert_array_equal(got, want)
+        np.testing.assert_array_equal(next_tokens, want.argmax(axis=1))
+        np.testing.assert_allclose(log_z, np.log(np.exp(want.astype(np.float64)).sum(axis=1)), rtol=1e-5)
     for name, value in stepper.read_state().items():
         np.testing.assert_array_equal(value, plain[name])
+
+
+def test_in_graph_sampling_matches_the_numpy_rule(rnn):
+    """The step graph's temperature sampling draws what the numpy sampler draws for the same uniform."""
+    gen = np.random.default_rng(5)
+    batch = 64
+    state = {k: gen.normal(0, 0.5, v.shape).astype(np.float32) for k, v in rnn.initial_state(batch).items()}
+    tokens = gen.integers(0, rnn.config.vocab_size, batch)
+    temperature = gen.choice([0.0, 0.5, 1.0, 1.7], batch).astype(np.float32)
+    uniform = gen.random(batch).astype(np.float32)
+    logits, next_tokens, log_z, _ = rnn.step_sample(tokens, state, temperature, uniform)
+    for b in range(batch):
+        if temperature[b] == 0:
+            assert next_tokens[b] == logits[b].argmax()
+            continue
+        probs = filtered_probs(logits[b : b + 1].astype(np.float64), rp(temperature=float(temperature[b])))
+        assert next_tokens[b] == draw(probs, np.array([uniform[b]], dtype=np.float64))[0]
+
+
+def test_graph_and_numpy_rows_mix_in_one_batch(rnn):
+    """Temperature-only rows (sampled in the graph) and top-p rows (numpy) each decode as they do alone."""
+    tok = rnn.tokenizer
+    plain = GenerationParams(max_new_tokens=40, seed=4, temperature=0.9)
+    nucleus = GenerationParams(max_new_tokens=40, seed=5, temperature=0.9, top_p=0.8)
+    engine = DecodeEngine(rnn)
+    rows = []
+    for p in (plain, nucleus, plain):
+        rows.append(make_row(rnn, tok.encode("the"), p, len(rows)))
+        engine.add([rows[-1]], *engine.prefill(tok.encode("the")))
+    run_to_end(engine)
+    assert rows[0].text == rows[2].text == alone(rnn, "the", plain)
+    assert rows[1].text == alone(rnn, "the", nucleus)

@@ -89,9 +89,9 @@ def test_generation_is_deterministic_per_seed(rnn):
 
 def test_prompt_is_one_loop_call_then_one_step_per_token(rnn):
     calls = []
-    real_run, real_step = rnn.run, rnn.step
+    real_run, real_step = rnn.run, rnn.step_sample
     rnn.run = lambda tokens, state: calls.append(("run", tokens.shape)) or real_run(tokens, state)
-    rnn.step = lambda tokens, state: calls.append(("step", tokens.shape)) or real_step(tokens, state)
+    rnn.step_sample = lambda tokens, state, *a: calls.append(("step", tokens.shape)) or real_step(tokens, state, *a)
     generate(rnn, "to be or not", GenerationParams(max_new_tokens=10, seed=1))
     assert calls == [("run", (1, 12))] + [("step", (1,))] * 9  # no model call after the last token
 
