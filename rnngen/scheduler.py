@@ -11,19 +11,21 @@ streams keep their pace.
 
 from __future__ import annotations
 
-import queue
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 
-from rnngen.engine import BatchState, DecodeEngine, Row, RowUpdate
+from rnngen.engine import BatchState, DecodeEngine, Row
 from rnngen.errors import RnngenError
 from rnngen.runtime import RnnModel
 
-_DONE = object()
+END = object()  # posted after a stream's last update
+
+Delivery = list  # [(Stream, RowUpdate | Exception | END), ...] from one step, handed over in one call
 
 
 class OverloadedError(RnngenError):
@@ -36,40 +38,25 @@ class ShuttingDownError(RnngenError):
 
 @dataclass
 class Stream:
-    """One client's stream: the scheduler puts RowUpdates in `updates`, the handler reads them."""
+    """One client's stream. The scheduler posts its updates through the server's sink into `inbox`."""
 
     row: Row
     prompt_tokens: int
-    updates: "queue.SimpleQueue" = field(default_factory=queue.SimpleQueue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     enqueued_at: float = field(default_factory=time.perf_counter)
-    ended: bool = False  # the scheduler's end marker has been read
+    inbox: list = field(default_factory=list)  # filled by the sink, drained by the stream's reader
+    ready: object = None  # the reader's wake-up (an asyncio.Event in the server)
 
     def cancel(self) -> None:
         """Ask for the row to leave; the scheduler frees it at its next step boundary."""
         self.cancelled.set()
 
-    def next_updates(self) -> list[RowUpdate]:
-        """Every RowUpdate waiting (blocks for the first); [] once the stream is over. Raises a step's error."""
-        if self.ended:
-            return []
-        items = [self.updates.get()]
-        while items[-1] is not _DONE and not isinstance(items[-1], Exception):
-            try:
-                items.append(self.updates.get_nowait())
-            except queue.Empty:
-                break
-        self.ended = items[-1] is _DONE or isinstance(items[-1], Exception)
-        for item in items:
-            if isinstance(item, Exception):
-                raise item
-        return [item for item in items if item is not _DONE]
-
 
 class Scheduler:
-    def __init__(self, model: RnnModel, name: str, max_active: int = 256, max_queued: int = 512,
-                 per_stream: bool = False, metrics=None):
+    def __init__(self, model: RnnModel, name: str, sink: Callable[[Delivery], None], max_active: int = 256,
+                 max_queued: int = 512, per_stream: bool = False, metrics=None):
         self.model = model
+        self.sink = sink  # receives each step's updates in one call (thread-safe on the receiving side)
         self.name = name
         self.max_active = max_active
         self.max_queued = max_queued
@@ -131,13 +118,21 @@ class Scheduler:
                 if self._stopping and not self.active and not self._waiting:
                     return
             self._drop_cancelled()
+            delivery: Delivery = []
             for engine in self._engines:
                 try:
                     updates = engine.step()
                 except Exception as exc:  # a failing step ends its rows' streams, not the server
-                    self._fail(engine, exc)
+                    self._fail(engine, exc, delivery)
                     continue
-                self._deliver(updates)
+                for update in updates:
+                    delivery.append((update.row.tag, update))
+                    if update.finished:
+                        delivery.append((update.row.tag, END))
+                if self.metrics and updates:
+                    self.metrics.tokens(self.name, len(updates))
+            if delivery:
+                self.sink(delivery)
             if self.per_stream:
                 self._engines = [e for e in self._engines if len(e)]
             with self._lock:
@@ -148,7 +143,7 @@ class Scheduler:
             stream, logits, state = self._waiting.popleft()
             self._reserved -= 1
             if stream.cancelled.is_set():
-                stream.updates.put(_DONE)
+                self.sink([(stream, END)])
                 continue
             if self.per_stream:
                 engine = DecodeEngine(self.model)
@@ -160,24 +155,17 @@ class Scheduler:
                 self.metrics.queue_wait(time.perf_counter() - stream.enqueued_at)
 
     def _drop_cancelled(self) -> None:
+        gone = []
         for engine in self._engines:
             for row in [r for r in engine.rows if r.tag.cancelled.is_set()]:
                 engine.remove(row)
-                row.tag.updates.put(_DONE)
+                gone.append((row.tag, END))
+        if gone:
+            self.sink(gone)
 
-    def _deliver(self, updates: list[RowUpdate]) -> None:
-        for update in updates:
-            stream: Stream = update.row.tag
-            stream.updates.put(update)
-            if update.finished:
-                stream.updates.put(_DONE)
-        if self.metrics and updates:
-            self.metrics.tokens(self.name, len(updates))
-
-    def _fail(self, engine: DecodeEngine, exc: Exception) -> None:
+    def _fail(self, engine: DecodeEngine, exc: Exception, delivery: Delivery) -> None:
         for row in list(engine.rows):
-            row.tag.updates.put(exc)
-            row.tag.updates.put(_DONE)
+            delivery += [(row.tag, exc), (row.tag, END)]
             engine.remove(row, reason="error")
 
     def _report(self) -> None:

@@ -8,7 +8,7 @@ and reflection are served beside it; Prometheus metrics on their own HTTP port.
 
 from __future__ import annotations
 
-import contextlib
+import asyncio
 import hmac
 import os
 import secrets
@@ -29,7 +29,7 @@ from rnngen.errors import InvalidParameterError, RnngenError, TokenizerError
 from rnngen.metrics import ServerMetrics
 from rnngen.runtime import RnnModel
 from rnngen.sampling import GenerationParams
-from rnngen.scheduler import OverloadedError, Scheduler, ShuttingDownError, Stream
+from rnngen.scheduler import END, OverloadedError, Scheduler, ShuttingDownError, Stream
 from rnngen.sessions import (
     HISTORY_TAIL, SessionCodec, SessionExpiredError, SessionState, SessionTokenError, model_identity, rng_from_state,
 )
@@ -98,17 +98,32 @@ class ServedModel:
 
 
 class GeneratorService(pb_grpc.GeneratorServicer):
-    def __init__(self, models: list[ServedModel], sessions: SessionCodec, metrics: ServerMetrics):
-        self.models = {m.name: m for m in models}
-        self.default = models[0].name
+    """The rnngen.v1.Generator service on grpc.aio: one event loop serves every stream's I/O."""
+
+    def __init__(self, sessions: SessionCodec, metrics: ServerMetrics, loop: asyncio.AbstractEventLoop,
+                 prefill_threads: int = 4):
+        self.models: dict[str, ServedModel] = {}  # filled by serve_models() once their schedulers exist
+        self.default = ""
         self.sessions = sessions
         self.metrics = metrics
-        self._in_flight = 0  # Generate calls not yet returned (a drain waits for them)
-        self._in_flight_lock = threading.Lock()
+        self.loop = loop
+        # Prompts are prefilled off the event loop (onnxruntime releases the GIL while it runs).
+        self.prefill_pool = futures.ThreadPoolExecutor(max_workers=prefill_threads, thread_name_prefix="rnngen-prefill")
+        self.in_flight = 0  # Generate calls not yet returned (a drain waits for them); touched on the loop only
 
-    @property
-    def in_flight(self) -> int:
-        return self._in_flight
+    def serve_models(self, models: list[ServedModel]) -> None:
+        self.models = {m.name: m for m in models}
+        self.default = models[0].name
+
+    def sink(self, delivery) -> None:
+        """Called by a scheduler thread once per step: hand the step's updates to the loop in one call."""
+        self.loop.call_soon_threadsafe(self._dispatch, delivery)
+
+    @staticmethod
+    def _dispatch(delivery) -> None:
+        for stream, item in delivery:
+            stream.inbox.append(item)
+            stream.ready.set()
 
     def _served(self, name: str) -> ServedModel:
         served = self.models.get(name or self.default)
@@ -116,45 +131,53 @@ class GeneratorService(pb_grpc.GeneratorServicer):
             raise ModelNotFoundError(f"model: {name!r} is not served here; served: {', '.join(self.models)}")
         return served
 
-    def ListModels(self, request, context):
+    async def ListModels(self, request, context):
         return pb.ListModelsResponse(models=[m.to_pb() for m in self.models.values()])
 
-    def Tokenize(self, request, context):
-        with _grpc_errors(context):
+    async def Tokenize(self, request, context):
+        try:
             served = self._served(request.model)
             return pb.TokenizeResponse(token_ids=served.model.tokenizer.encode(request.text))
+        except RnngenError as exc:
+            await context.abort(status_of(exc), str(exc))
 
-    def Generate(self, request, context):
+    async def Generate(self, request, context):
         start = time.perf_counter()
         name = request.model or self.default
-        status = "OK"
-        with self._in_flight_lock:
-            self._in_flight += 1
+        status = "CANCELLED"  # unless the stream ends normally or with an error below
+        stream = None
+        self.in_flight += 1
         try:
             served = self._served(request.model)
             params = params_from_pb(request.params)
             params.check_for_vocab(served.model.config.vocab_size)
             served.scheduler.reserve()
             try:
-                stream, logits, state = self._prefill(served, request, params)
+                stream, logits, state = await self.loop.run_in_executor(
+                    self.prefill_pool, self._prefill, served, request, params)
             except BaseException:
                 served.scheduler.release()
                 raise
-            context.add_callback(stream.cancel)  # the client's cancel or deadline frees the row
+            stream.ready = asyncio.Event()
             served.scheduler.enqueue(stream, logits, state)
-            yield from self._responses(served, stream, request, start)
+            async for message in self._responses(served, stream, request, start):
+                yield message
+            status = "OK"
         except RnngenError as exc:
             status = status_of(exc).name
-            context.abort(status_of(exc), str(exc))
+            await context.abort(status_of(exc), str(exc))
+        except asyncio.CancelledError:
+            raise
+        except grpc.aio.AbortError:
+            raise
         except Exception as exc:  # a bug in one stream ends that stream only
             status = "INTERNAL"
-            context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
+            await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
         finally:
-            if not context.is_active() and status == "OK":
-                status = "CANCELLED"
+            if stream is not None:
+                stream.cancel()  # a client's cancel or deadline frees the row at the next step
             self.metrics.requests.labels(name, status).inc()
-            with self._in_flight_lock:
-                self._in_flight -= 1
+            self.in_flight -= 1
 
     def _prefill(self, served: ServedModel, request, params: GenerationParams):
         model = served.model
@@ -171,7 +194,7 @@ class GeneratorService(pb_grpc.GeneratorServicer):
         else:
             ids = tokenizer.encode(request.prompt, on_unknown=params.on_unknown)
             prompt_ids = ids if ids else tokenizer.start_ids()
-            logits, state = DecodeEngine(model).prefill(prompt_ids)  # in this handler's thread
+            logits, state = DecodeEngine(model).prefill(prompt_ids)
             row = Row(params, row_generator(resolve_seed(params.seed), 0), tokenizer.stream_decoder(), list(prompt_ids))
             prompt_tokens = len(ids)
         row.capture_state = request.return_session
@@ -179,35 +202,48 @@ class GeneratorService(pb_grpc.GeneratorServicer):
         row.tag = stream
         return stream, logits, state
 
-    def _responses(self, served: ServedModel, stream: Stream, request, start: float):
+    async def _responses(self, served: ServedModel, stream: Stream, request, start: float):
         name = served.name
         last = None
         while True:
-            updates = stream.next_updates()  # everything decoded since the last message, at least one
-            if not updates:
+            await stream.ready.wait()
+            stream.ready.clear()
+            items, stream.inbox = stream.inbox, []
+            for item in items:
+                if isinstance(item, Exception):
+                    raise item
+            updates = [item for item in items if item is not END]
+            ended = items[-1] is END
+            if updates:
+                now = time.perf_counter()
+                if last is None:
+                    self.metrics.ttft.labels(name).observe(now - start)
+                else:
+                    self.metrics.itl.labels(name).observe(now - last)
+                last = now
+                message = self._message(served, stream, request, updates)
+                if message is not None:
+                    yield message
+            if ended:
                 return
-            now = time.perf_counter()
-            if last is None:
-                self.metrics.ttft.labels(name).observe(now - start)
-            else:
-                self.metrics.itl.labels(name).observe(now - last)
-            last = now
-            text = "".join(u.text for u in updates)
-            final = updates[-1] if updates[-1].finished else None
-            if not (text or final or request.return_token_ids):
-                continue  # a byte model's unfinished character: nothing to show yet
-            # A reader that keeps up gets one message per token; one that lags gets the backlog in one message.
-            message = pb.GenerateResponse(text=text)
-            if request.return_token_ids:
-                message.token_ids.extend(u.token for u in updates)
-            if final is not None:
-                row = final.row
-                message.finish_reason = FINISH_TO_PB[row.finish_reason]
-                message.usage.prompt_tokens = stream.prompt_tokens
-                message.usage.completion_tokens = len(row.generated)
-                if request.return_session:
-                    message.session = self._session_token(served, row)
-            yield message
+
+    def _message(self, served: ServedModel, stream: Stream, request, updates) -> pb.GenerateResponse | None:
+        """One message for everything decoded since the last: per token for a reader that keeps up."""
+        text = "".join(u.text for u in updates)
+        final = updates[-1] if updates[-1].finished else None
+        if not (text or final or request.return_token_ids):
+            return None  # a byte model's unfinished character: nothing to show yet
+        message = pb.GenerateResponse(text=text)
+        if request.return_token_ids:
+            message.token_ids.extend(u.token for u in updates)
+        if final is not None:
+            row = final.row
+            message.finish_reason = FINISH_TO_PB[row.finish_reason]
+            message.usage.prompt_tokens = stream.prompt_tokens
+            message.usage.completion_tokens = len(row.generated)
+            if request.return_session:
+                message.session = self._session_token(served, row)
+        return message
 
     def _session_token(self, served: ServedModel, row: Row) -> bytes:
         saved = SessionState(served.model_id, row.final_state, row.generated[-1], row.rng.bit_generator.state,
@@ -215,15 +251,7 @@ class GeneratorService(pb_grpc.GeneratorServicer):
         return self.sessions.encode(saved, served.model.state_names)
 
 
-@contextlib.contextmanager
-def _grpc_errors(context):
-    try:
-        yield
-    except RnngenError as exc:
-        context.abort(status_of(exc), str(exc))
-
-
-class BearerAuth(grpc.ServerInterceptor):
+class BearerAuth(grpc.aio.ServerInterceptor):
     """Requires `authorization: Bearer <token>` (constant-time comparison); health and reflection stay open."""
 
     OPEN_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
@@ -231,18 +259,18 @@ class BearerAuth(grpc.ServerInterceptor):
     def __init__(self, token: str):
         self._expected = f"Bearer {token}".encode()
 
-        def deny(request, context):
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
+        async def deny(request, context):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
 
         self._deny_unary = grpc.unary_unary_rpc_method_handler(deny)
         self._deny_stream = grpc.unary_stream_rpc_method_handler(deny)
 
-    def intercept_service(self, continuation, details):
+    async def intercept_service(self, continuation, details):
         if details.method.startswith(self.OPEN_PREFIXES):
-            return continuation(details)
-        given = dict(details.invocation_metadata).get("authorization", "")
+            return await continuation(details)
+        given = dict(details.invocation_metadata or ()).get("authorization", "")
         if hmac.compare_digest(given.encode(), self._expected):
-            return continuation(details)
+            return await continuation(details)
         return self._deny_stream if details.method.endswith("/Generate") else self._deny_unary
 
 
@@ -275,63 +303,93 @@ class ServerConfig:
 
 
 class RnngenServer:
-    """A running server: `start()`, then `wait()` (blocks until shutdown) or `shutdown()`."""
+    """A running server: `start()`, then `wait()` (blocks until shutdown) or `drain()` / `shutdown()`.
+
+    The gRPC server and its event loop run in a thread of their own; one scheduler thread per model decodes.
+    """
 
     def __init__(self, config: ServerConfig):
         self.config = config
         self.metrics = ServerMetrics()
-        served = []
+        self.loop = asyncio.new_event_loop()
+        self._loop_thread = threading.Thread(target=self.loop.run_forever, name="rnngen-grpc", daemon=True)
+        self._loop_thread.start()
+        self._stopped = threading.Event()
+        self.metrics_port = None
+        self._metrics_http = None
+        try:
+            self._build()
+        except BaseException:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            raise
+
+    def _build(self) -> None:
+        config = self.config
+        names = set()
+        loaded = []
         for path in config.models:
             name = Path(path).stem
-            if any(m.name == name for m in served):
+            if name in names:
                 raise InvalidParameterError(f"model: two models are named {name!r}; rename one file")
-            model = RnnModel.load(path, device=config.device)
-            scheduler = Scheduler(model, name, config.max_active, config.max_queued, config.per_stream, self.metrics)
-            served.append(ServedModel(name, model, scheduler))
-        self.models = served
+            names.add(name)
+            loaded.append((name, RnnModel.load(path, device=config.device)))
         secret = config.session_secret or secrets.token_bytes(32)
-        self.service = GeneratorService(served, SessionCodec(secret, config.session_ttl_s), self.metrics)
-        workers = len(served) * (config.max_active + config.max_queued) + 16  # a thread per stream, plus room for health
+        self.service = GeneratorService(SessionCodec(secret, config.session_ttl_s), self.metrics, self.loop)
+        self.models = [ServedModel(name, model, Scheduler(model, name, self.service.sink, config.max_active,
+                                                          config.max_queued, config.per_stream, self.metrics))
+                       for name, model in loaded]
+        self.service.serve_models(self.models)
+        self.port = self._run(self._start_grpc())
+
+    def _run(self, coro, timeout: float | None = 30):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    async def _start_grpc(self) -> int:
+        config = self.config
         interceptors = [BearerAuth(config.auth_token)] if config.auth_token else []
-        self.grpc_server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), interceptors=interceptors,
-                                       maximum_concurrent_rpcs=workers)
+        self.grpc_server = grpc.aio.server(interceptors=interceptors)
         pb_grpc.add_GeneratorServicer_to_server(self.service, self.grpc_server)
-        self.health = health.HealthServicer()
+        self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc_server)
         address = f"{config.host}:{config.port}"
         if config.tls_cert:
             creds = grpc.ssl_server_credentials([(Path(config.tls_key).read_bytes(), Path(config.tls_cert).read_bytes())])
-            self.port = self.grpc_server.add_secure_port(address, creds)
+            port = self.grpc_server.add_secure_port(address, creds)
         else:
-            self.port = self.grpc_server.add_insecure_port(address)
-        if self.port == 0:
+            port = self.grpc_server.add_insecure_port(address)
+        if port == 0:
             raise RnngenError(f"cannot listen on {address}")
-        self.metrics_port = None
-        self._metrics_http = None
-        self._stopped = threading.Event()
+        return port
 
     def start(self) -> "RnngenServer":
         if self.config.metrics_port is not None:
             self._metrics_http, _ = self.metrics.serve_http(self.config.metrics_port, self.config.host)
             self.metrics_port = self._metrics_http.server_port
-        self.grpc_server.start()
-        for status_name in ("", SERVICE_NAME):
-            self.health.set(status_name, health_pb2.HealthCheckResponse.SERVING)
+
+        async def go():
+            await self.grpc_server.start()
+            for status_name in ("", SERVICE_NAME):
+                await self.health.set(status_name, health_pb2.HealthCheckResponse.SERVING)
+        self._run(go())
         return self
 
     def drain(self, grace_s: float | None = None) -> None:
         """Stop accepting (health NOT_SERVING, new calls UNAVAILABLE), let in-flight streams finish, stop."""
+        if self._stopped.is_set():
+            return
         grace = self.config.grace_s if grace_s is None else grace_s
-        self.health.enter_graceful_shutdown()
+        self._run(self.health.enter_graceful_shutdown())
         for m in self.models:
             m.scheduler.stop_accepting()
         deadline = time.monotonic() + grace
         while time.monotonic() < deadline and self.service.in_flight:
             time.sleep(0.02)
-        self.grpc_server.stop(0).wait()
+        self._run(self.grpc_server.stop(0))
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
+        self.service.prefill_pool.shutdown(wait=False)
+        self.loop.call_soon_threadsafe(self.loop.stop)
         self._stopped.set()
 
     def shutdown(self) -> None:
