@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import itertools
 import secrets
+from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -104,21 +105,30 @@ class StopStringFilter:
 
 _row_ids = itertools.count()
 
+HISTORY_WINDOW = 1024  # tokens a row remembers (prompt and output) for n-gram bans
+
 
 @dataclass
 class Row:
-    """One sequence being decoded: its parameters, random generator and the text it has made."""
+    """One sequence being decoded: its parameters, random generator and the text it has made.
+
+    A row's memory does not grow with the length of its stream: it counts tokens rather than
+    listing them, remembers a window of HISTORY_WINDOW tokens for n-gram bans, keeps the set of
+    seen tokens and per-token counts only when a penalty needs them (both bounded by the
+    vocabulary), and collects its text only when `keep_text` (a server streams it instead).
+    """
 
     params: GenerationParams
     rng: np.random.Generator
     decoder: StreamDecoder
-    history: list[int]  # prompt and generated tokens (what penalties and n-gram bans look at)
+    history: deque  # the last HISTORY_WINDOW tokens of prompt and output (a list is accepted)
     tag: object = None  # the caller's label, e.g. (request, sample index)
-    generated: list[int] = field(default_factory=list)
-    text: str = ""
+    count: int = 0  # tokens generated
+    last_token: int = -1
     logprob: float = 0.0  # sum of the model's log-probabilities of the generated tokens
     finish_reason: str | None = None
     stops: StopStringFilter = None  # type: ignore[assignment]
+    keep_text: bool = True  # collect the generated text in `text`
     capture_state: bool = False  # keep the row's state when it finishes (to resume it later)
     final_state: dict | None = None  # (layers, 1, hidden) per state name: before its last token was fed
     generated_before: int = 0  # tokens generated earlier in a resumed session
@@ -127,6 +137,27 @@ class Row:
     def __post_init__(self) -> None:
         if self.stops is None:
             self.stops = StopStringFilter(self.params.stop)
+        self.history = deque(self.history, maxlen=HISTORY_WINDOW)
+        # Seen tokens (repetition penalty) and output counts (presence/frequency): only when used.
+        self.seen: set[int] | None = set(self.history) if self.params.repetition_penalty != 1.0 else None
+        uses_counts = self.params.presence_penalty != 0.0 or self.params.frequency_penalty != 0.0
+        self.counts: dict[int, int] | None = {} if uses_counts else None
+        self._pieces: list[str] = []
+
+    @property
+    def text(self) -> str:
+        return "".join(self._pieces)
+
+    def record(self, token: int, text: str) -> None:
+        self.count += 1
+        self.last_token = token
+        self.history.append(token)
+        if self.seen is not None:
+            self.seen.add(token)
+        if self.counts is not None:
+            self.counts[token] = self.counts.get(token, 0) + 1
+        if text and self.keep_text:
+            self._pieces.append(text)
 
     def clone(self, tag: object = None) -> "Row":
         twin = copy.deepcopy(self)
@@ -238,19 +269,17 @@ class DecodeEngine:
         updates = []
         keep = []
         for i, (row, token) in enumerate(zip(self.rows, tokens.tolist())):
-            row.generated.append(token)
-            row.history.append(token)
             row.logprob += float(logprobs[i])
             text = row.stops.push(row.decoder.push(token))
             if row.stops.stopped:
                 row.finish_reason = FINISH_STOP
-            elif len(row.generated) >= row.params.max_new_tokens:
+            elif row.count + 1 >= row.params.max_new_tokens:
                 text += row.stops.push(row.decoder.flush())
                 text += row.stops.flush()
                 row.finish_reason = FINISH_STOP if row.stops.stopped else FINISH_LENGTH
             else:
                 keep.append(i)
-            row.text += text
+            row.record(token, text)
             updates.append(RowUpdate(row, token, text, row.finish_reason is not None))
         if self._seen is not None:
             self._seen[np.arange(len(tokens)), tokens] = True
@@ -308,11 +337,13 @@ class DecodeEngine:
         if rp.uses_repetition:
             self._seen = np.zeros((len(self.rows), vocab), dtype=bool)
             for i, r in enumerate(self.rows):
-                self._seen[i, r.history] = True
+                if r.seen:
+                    self._seen[i, list(r.seen)] = True
         if rp.uses_counts:
             self._counts = np.zeros((len(self.rows), vocab), dtype=np.int32)
             for i, r in enumerate(self.rows):
-                np.add.at(self._counts[i], r.generated, 1)
+                for token, n in (r.counts or {}).items():
+                    self._counts[i, token] = n
         self._dirty = False
 
     def _choose_tokens(self) -> tuple[np.ndarray, np.ndarray]:
@@ -345,7 +376,7 @@ class DecodeEngine:
                 counts = None if self._counts is None else self._counts[need]
                 x = apply_penalties(x, sub_rp, seen, counts)
             for i, row in enumerate(rows) if sub_rp.uses_ngrams else ():
-                banned = banned_by_ngrams(row.history, row.params.no_repeat_ngram_size)
+                banned = banned_by_ngrams(list(row.history), row.params.no_repeat_ngram_size)
                 if banned:
                     x[i, banned] = -np.inf
         if sub_rp.all_greedy:

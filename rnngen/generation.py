@@ -93,7 +93,7 @@ class Generation:
             for update in engine.step():
                 if update.text:
                     yield StreamChunk(update.row.tag, update.text)
-        self.sequences = [SequenceResult(r.tag, r.text, len(r.generated), r.finish_reason, r.logprob) for r in rows]
+        self.sequences = [SequenceResult(r.tag, r.text, r.count, r.finish_reason, r.logprob) for r in rows]
 
     def _beams(self) -> Iterator[StreamChunk]:
         search = BeamSearch(self.model, self.prompt_ids, self.params)

@@ -188,14 +188,15 @@ class GeneratorService(pb_grpc.GeneratorServicer):
             decoder = tokenizer.stream_decoder()
             decoder.restore(saved.decoder_pending)
             row = Row(params, rng_from_state(saved.rng_state), decoder, list(saved.history_tail),
-                      generated_before=saved.generated_before)
+                      generated_before=saved.generated_before, keep_text=False)
             prompt_tokens = 0
             state = BatchState(state)
         else:
             ids = tokenizer.encode(request.prompt, on_unknown=params.on_unknown)
             prompt_ids = ids if ids else tokenizer.start_ids()
             logits, state = DecodeEngine(model).prefill(prompt_ids)
-            row = Row(params, row_generator(resolve_seed(params.seed), 0), tokenizer.stream_decoder(), list(prompt_ids))
+            row = Row(params, row_generator(resolve_seed(params.seed), 0), tokenizer.stream_decoder(), list(prompt_ids),
+                      keep_text=False)  # the text is streamed, not kept: a stream's memory stays constant
             prompt_tokens = len(ids)
         row.capture_state = request.return_session
         stream = Stream(row, prompt_tokens)
@@ -240,14 +241,14 @@ class GeneratorService(pb_grpc.GeneratorServicer):
             row = final.row
             message.finish_reason = FINISH_TO_PB[row.finish_reason]
             message.usage.prompt_tokens = stream.prompt_tokens
-            message.usage.completion_tokens = len(row.generated)
+            message.usage.completion_tokens = row.count
             if request.return_session:
                 message.session = self._session_token(served, row)
         return message
 
     def _session_token(self, served: ServedModel, row: Row) -> bytes:
-        saved = SessionState(served.model_id, row.final_state, row.generated[-1], row.rng.bit_generator.state,
-                             row.decoder.save(), row.history[-HISTORY_TAIL:], row.generated_before + len(row.generated))
+        saved = SessionState(served.model_id, row.final_state, row.last_token, row.rng.bit_generator.state,
+                             row.decoder.save(), list(row.history)[-HISTORY_TAIL:], row.generated_before + row.count)
         return self.sessions.encode(saved, served.model.state_names)
 
 

@@ -236,3 +236,29 @@ def test_graph_and_numpy_rows_mix_in_one_batch(rnn):
     run_to_end(engine)
     assert rows[0].text == rows[2].text == alone(rnn, "the", plain)
     assert rows[1].text == alone(rnn, "the", nucleus)
+
+
+def test_a_long_stream_keeps_constant_memory(rnn):
+    """Tokens are counted, not listed; history is a window; a streaming row does not collect text."""
+    import tracemalloc
+
+    from rnngen.engine import HISTORY_WINDOW
+
+    params = GenerationParams(max_new_tokens=10**6, seed=1, repetition_penalty=1.1, presence_penalty=0.2)
+    engine = DecodeEngine(rnn)
+    row = make_row(rnn, [1, 2, 3], params, "long")
+    row.keep_text = False
+    engine.add([row], *engine.prefill([1, 2, 3]))
+    for _ in range(1500):
+        engine.step()
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    for _ in range(3000):
+        engine.step()
+    grown = tracemalloc.get_traced_memory()[0] - before
+    tracemalloc.stop()
+    assert row.count == 4500
+    assert len(row.history) == HISTORY_WINDOW
+    assert len(row.seen) <= rnn.config.vocab_size and len(row.counts) <= rnn.config.vocab_size
+    assert row.text == ""
+    assert grown < 64 * 1024, grown  # 3000 more tokens, no more memory
