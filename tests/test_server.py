@@ -364,3 +364,15 @@ def test_soak_many_requests_some_cancelled(start_server):
     assert outcomes["cancelled"] >= 100 and outcomes["done"] >= 400
     assert wait_until(lambda: scheduler.active == 0 and scheduler.queued == 0)
     assert rss_mb() - before < 100, (before, rss_mb())
+
+
+def test_reflection_lists_the_services(start_server):
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+    server = start_server()
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        db = ProtoReflectionDescriptorDatabase(channel)
+        services = set(db.get_services())
+        assert {"rnngen.v1.Generator", "grpc.health.v1.Health"} <= services
+        method = db.FindFileContainingSymbol("rnngen.v1.Generator")
+        assert method.package == "rnngen.v1"
