@@ -20,7 +20,7 @@ from typing import Iterator
 
 import numpy as np
 
-from rnngen.engine import FINISH_LENGTH, FINISH_STOP, BatchState
+from rnngen.engine import FINISH_LENGTH, FINISH_STOP, BatchState, find_stop, stop_safe_length
 from rnngen.processors import RowParams, apply_penalties, banned_by_ngrams
 from rnngen.runtime import RnnModel
 from rnngen.sampling import GenerationParams
@@ -46,23 +46,6 @@ class _Beam:
     logprob: float
     decoder: StreamDecoder
     text: str
-
-
-def find_stop(text: str, stops: tuple[str, ...]) -> int:
-    """Index of the earliest stop string in text, or -1."""
-    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
-    return min(hits) if hits else -1
-
-
-def stop_safe_length(text: str, stops: tuple[str, ...]) -> int:
-    """Length of the part of text that no future stop string can cut (a possible stop start is held back)."""
-    hold = 0
-    for s in stops:
-        for n in range(min(len(s) - 1, len(text)), hold, -1):
-            if text.endswith(s[:n]):
-                hold = n
-                break
-    return len(text) - hold
 
 
 def _common_prefix(texts: list[str]) -> str:

@@ -66,6 +66,23 @@ def row_generator(seed: int, index: int) -> np.random.Generator:
     return np.random.default_rng([seed, index])
 
 
+def find_stop(text: str, stops: tuple[str, ...]) -> int:
+    """Index of the earliest stop string in text, or -1."""
+    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return min(hits) if hits else -1
+
+
+def stop_safe_length(text: str, stops: tuple[str, ...]) -> int:
+    """Length of the part of text that no later text can turn into a stop string (a possible start is held back)."""
+    hold = 0
+    for s in stops:
+        for n in range(min(len(s) - 1, len(text)), hold, -1):
+            if text.endswith(s[:n]):
+                hold = n
+                break
+    return len(text) - hold
+
+
 class StopStringFilter:
     """Passes text through until a stop string appears; nothing from the stop string on gets out.
 
@@ -84,19 +101,14 @@ class StopStringFilter:
         if not self.stops:
             return text
         buf = self._pending + text
-        hits = [i for i in (buf.find(s) for s in self.stops) if i >= 0]
-        if hits:
+        cut = find_stop(buf, self.stops)
+        if cut >= 0:
             self.stopped = True
             self._pending = ""
-            return buf[: min(hits)]
-        hold = 0  # longest end of buf that begins some stop string
-        for s in self.stops:
-            for n in range(min(len(s) - 1, len(buf)), hold, -1):
-                if buf.endswith(s[:n]):
-                    hold = n
-                    break
-        self._pending = buf[len(buf) - hold :] if hold else ""
-        return buf[: len(buf) - hold]
+            return buf[:cut]
+        safe = stop_safe_length(buf, self.stops)
+        self._pending = buf[safe:]
+        return buf[:safe]
 
     def flush(self) -> str:
         out, self._pending = ("" if self.stopped else self._pending), ""
