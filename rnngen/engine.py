@@ -316,10 +316,10 @@ class DecodeEngine:
         if self._dirty:
             self._rebuild()
         rp = self._rp
-        uniform = np.zeros(len(self.rows), dtype=np.float32)
+        uniform = rp.uniform
         for i in rp.graph_sampled:  # each such row draws its next token's uniform now, one per token as always
             uniform[i] = self.rows[i].rng.random()
-        temperature = rp.temperature.astype(np.float32)
+        temperature = rp.temperature32
         if self._bound is not None:
             self.logits, self.next_tokens, self.log_z = self._bound.step(tokens, temperature, uniform)
             self._state_on_device = True
@@ -365,8 +365,8 @@ class DecodeEngine:
         just prefilled) go through the numpy processors on their logits.
         """
         raw = self.logits  # (B, V) float32
-        rows_idx = np.arange(len(raw))
         rp = self._rp
+        rows_idx = rp.row_index
         from_graph = rp.simple & (self.next_tokens >= 0)
         if from_graph.all():
             tokens = self.next_tokens

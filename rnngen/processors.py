@@ -50,6 +50,10 @@ class RowParams:
         self.simple = ((self.top_k == 0) & (self.top_p >= 1.0) & (self.min_p == 0.0) & (self.repetition == 1.0)
                        & (self.presence == 0.0) & (self.frequency == 0.0) & (self.no_repeat_ngram == 0))
         self.graph_sampled = np.flatnonzero(self.simple & ~self.greedy).tolist()  # rows that draw for the graph
+        # Per-batch arrays the engine reuses every step.
+        self.temperature32 = self.temperature.astype(np.float32)
+        self.row_index = np.arange(len(self.temperature))
+        self.uniform = np.zeros(len(self.temperature), dtype=np.float32)
 
     def take(self, index: np.ndarray) -> "RowParams":
         """The parameters of some rows only."""
