@@ -386,7 +386,9 @@ class RnngenServer:
         deadline = time.monotonic() + grace
         while time.monotonic() < deadline and self.service.in_flight:
             time.sleep(0.02)
-        self._run(self.grpc_server.stop(0))
+        # Handlers are done, but their last messages may still be on the way out: stop() with a
+        # grace lets those calls complete (it returns as soon as they have) before cancelling any.
+        self._run(self.grpc_server.stop(max(deadline - time.monotonic(), 1.0)), timeout=None)
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
         self.service.prefill_pool.shutdown(wait=False)
