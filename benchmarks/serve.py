@@ -29,9 +29,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
-def start_server(model: str, device: str, per_stream: bool, max_active: int) -> tuple[subprocess.Popen, int]:
+def start_server(model: str, device: str, per_stream: bool, max_active: int, threads: int) -> tuple[subprocess.Popen, int]:
     cmd = [sys.executable, "-m", "rnngen", "serve", "-m", model, "--port", "0", "--device", device,
-           "--max-active", str(max_active), "--max-queued", str(max_active), "--grace", "1"]
+           "--max-active", str(max_active), "--max-queued", str(max_active), "--grace", "1", "--threads", str(threads)]
     if per_stream:
         cmd.append("--per-stream")
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT)
@@ -107,12 +107,14 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
     parser.add_argument("--streams", default="1,8,64,256")
     parser.add_argument("--tokens", type=int, default=200, help="tokens per stream")
+    parser.add_argument("--threads", type=int, default=0, help="the server's onnxruntime threads (0: one per core)")
     args = parser.parse_args()
     levels = [int(s) for s in args.streams.split(",")]
-    print(f"rnngen serve benchmark: {args.model}, {args.tokens} tokens per stream, device {args.device}")
+    print(f"rnngen serve benchmark: {args.model}, {args.tokens} tokens per stream, device {args.device}, "
+          f"server onnxruntime threads {args.threads or 'auto'}")
 
     results = {}
-    proc, port = start_server(args.model, args.device, per_stream=False, max_active=max(levels))
+    proc, port = start_server(args.model, args.device, per_stream=False, max_active=max(levels), threads=args.threads)
     try:
         asyncio.run(run_streams(port, 4, 20))  # warm-up
         for n in levels:
@@ -125,7 +127,7 @@ def main() -> None:
         proc.wait(10)
 
     if 64 in results:
-        proc, port = start_server(args.model, args.device, per_stream=True, max_active=64)
+        proc, port = start_server(args.model, args.device, per_stream=True, max_active=64, threads=args.threads)
         try:
             per = asyncio.run(run_streams(port, 64, args.tokens))
         finally:

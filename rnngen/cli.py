@@ -290,6 +290,7 @@ def serve(
     tls_cert: Optional[Path] = typer.Option(None, "--tls-cert", envvar="RNNGEN_TLS_CERT", help="TLS certificate (PEM)."),
     tls_key: Optional[Path] = typer.Option(None, "--tls-key", envvar="RNNGEN_TLS_KEY", help="TLS private key (PEM)."),
     grace: float = typer.Option(30.0, "--grace", help="On SIGTERM: seconds for in-flight streams to finish."),
+    threads: int = typer.Option(0, "--threads", envvar="RNNGEN_THREADS", help="onnxruntime threads per model (0: one per core)."),
     per_stream: bool = typer.Option(False, "--per-stream", help="Decode each stream on its own (a benchmark baseline, not for production)."),
 ) -> None:
     with user_errors():
@@ -301,7 +302,7 @@ def serve(
         config = ServerConfig(models=list(model), host=host, port=port, metrics_port=metrics_port,
                               max_active=max_active, max_queued=max_queued, device=device, session_secret=secret,
                               session_ttl_s=session_ttl, auth_token=auth_token, tls_cert=tls_cert, tls_key=tls_key,
-                              grace_s=grace, per_stream=per_stream)
+                              grace_s=grace, threads=threads, per_stream=per_stream)
         serve_forever(config, announce=lambda line: print(line, flush=True))
 
 

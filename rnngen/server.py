@@ -27,7 +27,7 @@ from grpc_reflection.v1alpha import reflection
 from rnngen.engine import FINISH_LENGTH, FINISH_STOP, BatchState, DecodeEngine, Row, resolve_seed, row_generator
 from rnngen.errors import InvalidParameterError, RnngenError, TokenizerError
 from rnngen.metrics import ServerMetrics
-from rnngen.runtime import RnnModel
+from rnngen.runtime import RnnModel, SessionOptions
 from rnngen.sampling import GenerationParams
 from rnngen.scheduler import END, OverloadedError, Scheduler, ShuttingDownError, Stream
 from rnngen.sessions import (
@@ -290,6 +290,7 @@ class ServerConfig:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     grace_s: float = 30.0  # SIGTERM: time for in-flight streams to finish
+    threads: int = 0  # onnxruntime intra-op threads per model; 0 lets onnxruntime choose
     per_stream: bool = False  # benchmark baseline: no batching across streams
 
     def __post_init__(self) -> None:
@@ -333,7 +334,7 @@ class RnngenServer:
             if name in names:
                 raise InvalidParameterError(f"model: two models are named {name!r}; rename one file")
             names.add(name)
-            loaded.append((name, RnnModel.load(path, device=config.device)))
+            loaded.append((name, RnnModel.load(path, device=config.device, options=SessionOptions(config.threads))))
         secret = config.session_secret or secrets.token_bytes(32)
         self.service = GeneratorService(SessionCodec(secret, config.session_ttl_s), self.metrics, self.loop)
         self.models = [ServedModel(name, model, Scheduler(model, name, self.service.sink, config.max_active,
