@@ -25,6 +25,7 @@ from rnngen.errors import InvalidParameterError
 from rnngen.processors import RowParams, apply_penalties, banned_by_ngrams, draw, filtered_probs
 from rnngen.runtime import BoundStepper, RnnModel
 from rnngen.sampling import GenerationParams
+from rnngen.step_graph import SAMPLE_GREEDY, SAMPLE_INV_TEMPERATURE, SAMPLE_UNIFORM
 from rnngen.tokenizers import StreamDecoder
 
 FINISH_LENGTH = "length"  # max_new_tokens reached
@@ -318,14 +319,13 @@ class DecodeEngine:
         rp = self._rp
         uniform = rp.uniform
         for i in rp.graph_sampled:  # each such row draws its next token's uniform now, one per token as always
-            uniform[i] = self.rows[i].rng.random()
-        temperature = rp.temperature32
+            uniform[i, 0] = self.rows[i].rng.random()
+        sampling = {SAMPLE_INV_TEMPERATURE: rp.inv_temperature, SAMPLE_GREEDY: rp.greedy, SAMPLE_UNIFORM: uniform}
         if self._bound is not None:
-            self.logits, self.next_tokens, self.log_z = self._bound.step(tokens, temperature, uniform)
+            self.logits, self.next_tokens, self.log_z = self._bound.step(tokens, sampling)
             self._state_on_device = True
         else:
-            self.logits, self.next_tokens, self.log_z, new_state = self.model.step_sample(
-                tokens, self.state.arrays, temperature, uniform)
+            self.logits, self.next_tokens, self.log_z, new_state = self.model.step_sample(tokens, self.state.arrays, sampling)
             self.state = BatchState(new_state)
 
     def current_state(self) -> BatchState | None:

@@ -16,7 +16,9 @@ import numpy as np
 from rnngen.errors import DeviceError, InvalidParameterError, ModelFormatError
 from rnngen.modelfile import ModelFile, read_model_file
 from rnngen.onnx_graph import LOGITS, TOKENS, state_output_name
-from rnngen.step_graph import LOG_Z, NEXT_TOKEN, SAMPLE_TEMPERATURE, SAMPLE_UNIFORM, add_sampling_head, derive_step_model
+from rnngen.step_graph import (
+    LOG_Z, NEXT_TOKEN, SAMPLE_GREEDY, SAMPLE_INV_TEMPERATURE, SAMPLE_UNIFORM, add_sampling_head, derive_step_model,
+)
 
 DEVICES = ("auto", "cpu", "cuda")
 CPU_PROVIDER = "CPUExecutionProvider"
@@ -120,7 +122,7 @@ class RnnModel:
         self.providers = self.session.get_providers()
         # Decoding steps go through the loop-free step graph derived from the same file, with
         # temperature sampling of the next token added inside it (rows that need more use the logits).
-        step_proto = add_sampling_head(derive_step_model(_full_proto(model_file)))
+        step_proto = add_sampling_head(derive_step_model(_full_proto(model_file)), self.config.vocab_size)
         self.step_session = ort.InferenceSession(step_proto.SerializeToString(), sess_options=so, providers=self.providers)
         if device == "cuda" and CUDA_PROVIDER not in self.providers:
             raise DeviceError("--device cuda: onnxruntime did not enable the CUDA provider for this model")
@@ -146,24 +148,38 @@ class RnnModel:
 
     def step(self, tokens: np.ndarray, state: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """One decoding step for a batch: tokens (B,) → logits (B, V) and the next state."""
-        zeros = np.zeros(len(tokens), dtype=np.float32)
-        feeds = {TOKENS: tokens.reshape(-1, 1), SAMPLE_TEMPERATURE: zeros, SAMPLE_UNIFORM: zeros}
+        feeds = {TOKENS: tokens.reshape(-1, 1)}
+        feeds.update(sampling_feeds(len(tokens)))
         feeds.update(state)
         logits, *new_state = self.step_session.run(self._outputs, feeds)
         return logits[:, 0], dict(zip(self.state_names, new_state))
 
-    def step_sample(self, tokens: np.ndarray, state: dict[str, np.ndarray], temperature: np.ndarray,
-                    uniform: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, np.ndarray]]:
-        """A step that also samples each row's next token in the graph (temperature only; 0 is greedy).
+    def step_sample(self, tokens: np.ndarray, state: dict[str, np.ndarray], sampling: dict[str, np.ndarray]
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+        """A step that also samples each row's next token in the graph (temperature only).
 
-        Returns logits (B, V), next tokens (B,), log_z (B,) (log of each row's softmax denominator) and the state.
+        `sampling` comes from `sampling_feeds`. Returns logits (B, V), next tokens (B,), log_z (B,)
+        (log of each row's softmax denominator) and the state.
         """
-        feeds = {TOKENS: tokens.reshape(-1, 1), SAMPLE_TEMPERATURE: temperature, SAMPLE_UNIFORM: uniform}
+        feeds = {TOKENS: tokens.reshape(-1, 1)}
+        feeds.update(sampling)
         feeds.update(state)
         logits, *rest = self.step_session.run(self._sample_outputs, feeds)
         new_state = rest[: len(self.state_names)]
         next_tokens, log_z = rest[len(self.state_names) :]
         return logits[:, 0], next_tokens, log_z, dict(zip(self.state_names, new_state))
+
+
+def sampling_feeds(batch: int, temperature: np.ndarray | None = None, uniform: np.ndarray | None = None
+                   ) -> dict[str, np.ndarray]:
+    """Inputs of the step graph's sampling head; without temperatures every row is greedy."""
+    if temperature is None:
+        temperature = np.zeros(batch, dtype=np.float32)
+    greedy = temperature == 0.0
+    inv = np.where(greedy, 1.0, 1.0 / np.where(greedy, 1.0, temperature)).astype(np.float32).reshape(-1, 1)
+    if uniform is None:
+        uniform = np.zeros(batch, dtype=np.float32)
+    return {SAMPLE_INV_TEMPERATURE: inv, SAMPLE_GREEDY: greedy, SAMPLE_UNIFORM: uniform.reshape(-1, 1)}
 
 
 def _full_proto(model_file: ModelFile):
@@ -215,19 +231,19 @@ class BoundStepper:
         """Device state → host (for row changes, or to save a session)."""
         return {name: value.numpy() for name, value in self._current.items()}
 
-    def step(self, tokens: np.ndarray, temperature: np.ndarray | None = None,
-             uniform: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def step(self, tokens: np.ndarray, sampling: dict[str, np.ndarray] | None = None
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """One step for the bound batch: logits (B, V), next tokens (B,) and log_z (B,) on the host.
 
         The state stays on the device. (On CUDA, a batch of temperature-only rows could leave the
         logits there too; they come back here because rows with other processors need them.)
         """
-        if temperature is None:
-            temperature = uniform = np.zeros(len(tokens), dtype=np.float32)
+        if sampling is None:
+            sampling = sampling_feeds(len(tokens))
         binding = self.session.io_binding()
         binding.bind_cpu_input(TOKENS, np.ascontiguousarray(tokens.reshape(-1, 1), dtype=np.int64))
-        binding.bind_cpu_input(SAMPLE_TEMPERATURE, temperature)
-        binding.bind_cpu_input(SAMPLE_UNIFORM, uniform)
+        for name, value in sampling.items():
+            binding.bind_cpu_input(name, value)
         for name in (LOGITS, NEXT_TOKEN, LOG_Z):  # bound first: outputs come back in binding order
             binding.bind_output(name, "cpu")
         for name in self.model.state_names:

@@ -88,17 +88,18 @@ def _live_nodes(nodes: list[onnx.NodeProto], outputs: list[str]) -> list[onnx.No
     return [n for i, n in enumerate(nodes) if i in needed]
 
 
-SAMPLE_TEMPERATURE = "temperature"  # (B,) float32; 0 means greedy
-SAMPLE_UNIFORM = "uniform"  # (B,) float32 in [0, 1): the row's random draw for its next token
+SAMPLE_INV_TEMPERATURE = "inv_temperature"  # (B, 1) float32: 1 / temperature (1 for greedy rows)
+SAMPLE_GREEDY = "greedy"  # (B,) bool: rows that take the argmax
+SAMPLE_UNIFORM = "uniform"  # (B, 1) float32 in [0, 1): the row's random draw for its next token
 NEXT_TOKEN = "next_token"  # (B,) int64
 LOG_Z = "log_z"  # (B,) float32: log of the softmax denominator of the logits (for log-probabilities)
 
 
-def add_sampling_head(step: onnx.ModelProto, logits_name: str = "logits") -> onnx.ModelProto:
+def add_sampling_head(step: onnx.ModelProto, vocab_size: int, logits_name: str = "logits") -> onnx.ModelProto:
     """The step graph plus temperature sampling of the next token, inside the graph.
 
-    next_token = argmax(logits) where temperature is 0, else the inverse-CDF draw
-    of softmax(logits / temperature) at `uniform` (the count of CDF entries <= uniform
+    next_token = argmax(logits) for greedy rows, else the inverse-CDF draw of
+    softmax(logits / temperature) at `uniform` (the count of CDF entries <= uniform
     * total: the same rule as the engine's numpy sampler). Rows that need other
     processors (top-k, top-p, penalties, ...) ignore next_token and use the logits.
     On a GPU this keeps sampling on the device: only token ids need to come back.
@@ -106,12 +107,13 @@ def add_sampling_head(step: onnx.ModelProto, logits_name: str = "logits") -> onn
     model = onnx.ModelProto()
     model.CopyFrom(step)
     g = model.graph
-    f32, i64 = onnx.TensorProto.FLOAT, onnx.TensorProto.INT64
-    g.input.extend([helper.make_tensor_value_info(SAMPLE_TEMPERATURE, f32, ["batch"]),
-                    helper.make_tensor_value_info(SAMPLE_UNIFORM, f32, ["batch"])])
-    consts = {"head_axis1": np.array([1], np.int64), "head_zero": np.array(0.0, np.float32),
-              "head_one": np.array(1.0, np.float32), "head_last_start": np.array([-1], np.int64),
-              "head_last_end": np.array([np.iinfo(np.int64).max], np.int64)}
+    f32 = onnx.TensorProto.FLOAT
+    g.input.extend([helper.make_tensor_value_info(SAMPLE_INV_TEMPERATURE, f32, ["batch", 1]),
+                    helper.make_tensor_value_info(SAMPLE_GREEDY, onnx.TensorProto.BOOL, ["batch"]),
+                    helper.make_tensor_value_info(SAMPLE_UNIFORM, f32, ["batch", 1])])
+    consts = {"head_axis1": np.array([1], np.int64), "head_axis1_scalar": np.array(1, np.int64),
+              "head_last_start": np.array([-1], np.int64), "head_last_end": np.array([vocab_size], np.int64),
+              "head_vocab_last": np.array(vocab_size - 1, np.int64)}
     g.initializer.extend(numpy_helper.from_array(v, k) for k, v in consts.items())
 
     def node(op, inputs, output, **attrs):
@@ -121,20 +123,13 @@ def add_sampling_head(step: onnx.ModelProto, logits_name: str = "logits") -> onn
     flat = node("Squeeze", [logits_name, "head_axis1"], "head_logits")  # (B, V)
     node("ReduceLogSumExp", [flat], LOG_Z, axes=[1], keepdims=0)
     greedy = node("ArgMax", [flat], "head_argmax", axis=1, keepdims=0)
-    is_sampling = node("Greater", [SAMPLE_TEMPERATURE, "head_zero"], "head_is_sampling")
-    temp = node("Where", [is_sampling, SAMPLE_TEMPERATURE, "head_one"], "head_temp")
-    scaled = node("Div", [flat, node("Unsqueeze", [temp, "head_axis1"], "head_temp_col")], "head_scaled")
-    cdf = node("CumSum", [node("Softmax", [scaled], "head_probs", axis=1), "head_axis1_scalar"], "head_cdf")
-    g.initializer.append(numpy_helper.from_array(np.array(1, np.int64), "head_axis1_scalar"))
+    probs = node("Softmax", [node("Mul", [flat, SAMPLE_INV_TEMPERATURE], "head_scaled")], "head_probs", axis=1)
+    cdf = node("CumSum", [probs, "head_axis1_scalar"], "head_cdf")
     total = node("Slice", [cdf, "head_last_start", "head_last_end", "head_axis1"], "head_total")  # (B, 1)
-    target = node("Mul", [node("Unsqueeze", [SAMPLE_UNIFORM, "head_axis1"], "head_u_col"), total], "head_target")
-    below = node("Cast", [node("LessOrEqual", [cdf, target], "head_below_bool")], "head_below", to=i64)
-    count = node("ReduceSum", [below, "head_axis1"], "head_count", keepdims=0)
-    vocab_last = node("Sub", [node("Gather", [node("Shape", [flat], "head_shape"), "head_axis1_scalar"], "head_vocab"),
-                              "head_one_i64"], "head_vocab_last")
-    g.initializer.append(numpy_helper.from_array(np.array(1, np.int64), "head_one_i64"))
-    sampled = node("Min", [count, vocab_last], "head_sampled")
-    node("Where", [is_sampling, sampled, greedy], NEXT_TOKEN)
-    g.output.extend([helper.make_tensor_value_info(NEXT_TOKEN, i64, ["batch"]),
+    target = node("Mul", [SAMPLE_UNIFORM, total], "head_target")
+    below = node("Cast", [node("LessOrEqual", [cdf, target], "head_below_bool")], "head_below", to=onnx.TensorProto.INT64)
+    sampled = node("Min", [node("ReduceSum", [below, "head_axis1"], "head_count", keepdims=0), "head_vocab_last"], "head_sampled")
+    node("Where", [SAMPLE_GREEDY, greedy, sampled], NEXT_TOKEN)
+    g.output.extend([helper.make_tensor_value_info(NEXT_TOKEN, onnx.TensorProto.INT64, ["batch"]),
                      helper.make_tensor_value_info(LOG_Z, f32, ["batch"])])
     return model

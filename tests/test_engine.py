@@ -214,7 +214,9 @@ def test_in_graph_sampling_matches_the_numpy_rule(rnn):
     tokens = gen.integers(0, rnn.config.vocab_size, batch)
     temperature = gen.choice([0.0, 0.5, 1.0, 1.7], batch).astype(np.float32)
     uniform = gen.random(batch).astype(np.float32)
-    logits, next_tokens, log_z, _ = rnn.step_sample(tokens, state, temperature, uniform)
+    from rnngen.runtime import sampling_feeds
+
+    logits, next_tokens, log_z, _ = rnn.step_sample(tokens, state, sampling_feeds(batch, temperature, uniform))
     for b in range(batch):
         if temperature[b] == 0:
             assert next_tokens[b] == logits[b].argmax()
