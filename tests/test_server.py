@@ -81,8 +81,12 @@ def test_streams_text_and_reports_usage(start_server, char_model_file):
 
 def test_concurrent_streams_share_steps_and_decode_as_alone(start_server, char_model_file):
     server = start_server()
+    engine = server.models[0].scheduler._engines[0]
+    batch_sizes = []
+    real_step = engine.step
+    engine.step = lambda: batch_sizes.append(len(engine)) or real_step()
     local = RnnModel.load(char_model_file, device="cpu")
-    jobs = [("the ", GenerationParams(max_new_tokens=80, seed=s, temperature=0.5 + s / 10, top_k=s % 5)) for s in range(12)]
+    jobs = [("the ", GenerationParams(max_new_tokens=400, seed=s, temperature=0.5 + s / 10, top_k=s % 5)) for s in range(12)]
     results = [None] * len(jobs)
 
     def run(i):
@@ -96,6 +100,8 @@ def test_concurrent_streams_share_steps_and_decode_as_alone(start_server, char_m
         t.join(30)
     for (prompt, params), text in zip(jobs, results):
         assert text == generate(local, prompt, params).text
+    assert max(batch_sizes) > 1  # streams were decoded together, one model call for several
+    assert len(batch_sizes) < sum(p.max_new_tokens for _, p in jobs)
 
 
 def test_cancel_mid_stream_frees_the_row(start_server):
