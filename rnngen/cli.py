@@ -68,6 +68,7 @@ def create_app() -> typer.Typer:
     app.command(help="Show a model's metadata and the execution providers.")(info)
     app.command(help="Loss (nats and bits per token and char) and perplexity of a text file.")(score)
     app.command(help="Serve models over gRPC to many concurrent streaming clients.")(serve)
+    app.command(help="Ask a server's gRPC health service; exit 0 when SERVING (for container health checks).")(health)
     return app
 
 
@@ -277,7 +278,8 @@ def _generate_remote(*, model, prompt, max_new_tokens, temperature, top_k, top_p
 
 
 def serve(
-    model: List[Path] = typer.Option(..., "--model", "-m", help="A model to serve (repeatable); its name is the file's stem."),
+    model: Optional[List[Path]] = typer.Option(None, "--model", "-m", help="A model to serve (repeatable); its name is the file's stem."),
+    model_dir: Optional[List[str]] = typer.Option(None, "--model-dir", envvar="RNNGEN_MODEL_DIRS", help="Serve every .onnx file in this folder (repeatable, or several joined with ':' as in PATH; missing folders are skipped)."),
     host: str = typer.Option("127.0.0.1", "--host", envvar="RNNGEN_HOST", help="Address to listen on."),
     port: int = typer.Option(50051, "--port", envvar="RNNGEN_PORT", help="gRPC port (0: any free port)."),
     metrics_port: Optional[int] = typer.Option(None, "--metrics-port", envvar="RNNGEN_METRICS_PORT", help="Prometheus /metrics port (off unless given)."),
@@ -296,14 +298,57 @@ def serve(
     with user_errors():
         from rnngen.server import ServerConfig, load_secret, serve_forever
 
+        import os
+
+        models = list(model or [])
+        for entry in model_dir or []:
+            for folder in map(Path, filter(None, entry.split(os.pathsep))):
+                if folder.is_dir():
+                    models.extend(sorted(folder.glob("*.onnx")))
+        if not models:
+            from rnngen.errors import InvalidParameterError
+
+            raise InvalidParameterError("model: nothing to serve; give --model FILE or --model-dir with .onnx files")
         secret = load_secret(session_secret_file)
         if secret is None:
             _stderr().print("[yellow]no session secret given: session tokens are valid on this process only[/]")
-        config = ServerConfig(models=list(model), host=host, port=port, metrics_port=metrics_port,
+        config = ServerConfig(models=models, host=host, port=port, metrics_port=metrics_port,
                               max_active=max_active, max_queued=max_queued, device=device, session_secret=secret,
                               session_ttl_s=session_ttl, auth_token=auth_token, tls_cert=tls_cert, tls_key=tls_key,
                               grace_s=grace, threads=threads, per_stream=per_stream)
         serve_forever(config, announce=lambda line: print(line, flush=True))
+
+
+# ---------------------------------------------------------------------------- health
+
+
+def health(
+    server: Optional[str] = typer.Option(None, "--server", help="HOST:PORT [default: 127.0.0.1:$RNNGEN_PORT, or :50051]."),
+    service: str = typer.Option("", "--service", help="Service to ask about ('' is the whole server)."),
+    timeout: float = typer.Option(3.0, "--timeout", help="Seconds to wait for the answer."),
+    tls_ca: Optional[Path] = typer.Option(None, "--tls-ca", help="CA certificate of a TLS server."),
+) -> None:
+    """Exit 0 when the server's gRPC health service says SERVING, else 1 (for container health checks)."""
+    import os
+
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    target = server or f"127.0.0.1:{os.environ.get('RNNGEN_PORT', '50051')}"
+    if tls_ca is not None:
+        channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(root_certificates=tls_ca.read_bytes()))
+    else:
+        channel = grpc.insecure_channel(target)
+    try:
+        with channel:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
+    except grpc.RpcError as exc:
+        _stderr().print(f"[bold red]error:[/] {target}: {exc.code().name}: {exc.details()}")
+        raise typer.Exit(EXIT_ERROR) from None
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    typer.echo(f"{target}: {status}")
+    if reply.status != health_pb2.HealthCheckResponse.SERVING:
+        raise typer.Exit(EXIT_ERROR)
 
 
 # ---------------------------------------------------------------------------- info
