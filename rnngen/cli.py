@@ -52,7 +52,7 @@ def create_app() -> typer.Typer:
         name="rnngen",
         help="Train, export and run recurrent language models (RNN, LSTM, GRU) with ONNX.",
         no_args_is_help=True,
-        add_completion=False,
+        add_completion=True,  # --install-completion / --show-completion for bash, zsh, fish, PowerShell
         pretty_exceptions_enable=False,
     )
 

@@ -26,3 +26,21 @@ def test_shipped_models_are_listed_and_within_size_limits():
     notes = (ROOT / "exported" / "README.md").read_text()
     for name in sizes:
         assert f"exported/{name}.onnx" in notes
+
+
+def test_cli_reference_is_current():
+    import runpy
+
+    generator = runpy.run_path(str(ROOT / "scripts" / "generate_cli_reference.py"), run_name="reference")
+    committed = (ROOT / "docs" / "cli.md").read_text()
+    assert generator["reference"]() == committed, "docs/cli.md is stale: run python scripts/generate_cli_reference.py"
+    for command in ("train", "export", "generate", "info", "score", "serve", "health"):
+        assert f"## rnngen {command}" in committed
+
+
+def test_help_lists_completion_and_version():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "rnngen", "--help"], capture_output=True, text=True, timeout=60).stdout
+    assert "--install-completion" in out and "--version" in out
