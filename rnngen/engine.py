@@ -299,15 +299,13 @@ class DecodeEngine:
         if self._counts is not None:
             self._counts[np.arange(len(tokens)), tokens] += 1
         if len(keep) < len(self.rows):
-            if any(self.rows[i].capture_state for i in range(len(self.rows)) if i not in set(keep)):
+            capture = [i for i, row in enumerate(self.rows) if row.capture_state and row.finish_reason is not None]
+            if capture:
                 state = self.current_state()
-                for i, row in enumerate(self.rows):
-                    if row.capture_state and row.finish_reason is not None:
-                        row.final_state = {k: v[:, i : i + 1].copy() for k, v in state.arrays.items()}
-            self.select(keep)
+                for i in capture:
+                    self.rows[i].final_state = {k: v[:, i : i + 1].copy() for k, v in state.arrays.items()}
+            self.select(keep)  # marks the per-row arrays stale; _run_model rebuilds them
             tokens = tokens[keep]
-            if self._seen is not None or self._counts is not None:
-                self._rebuild()  # cheap relative to a step, and keeps the arrays aligned with the rows
         if self.rows:
             self._run_model(tokens)
         return updates

@@ -1,11 +1,9 @@
 """Every command through Typer's runner and as a real subprocess; bad input gives one line and exit 1."""
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner

@@ -32,7 +32,6 @@ from rnngen.errors import CheckpointError, DataError, InvalidParameterError, Ove
 from rnngen.tokenizers import TOKENIZER_KINDS, build_tokenizer
 from rnngen.training.checkpoint import load_checkpoint, restore_optimizer, save_checkpoint
 
-LN2 = math.log(2.0)
 RUN_FILES = ("last.json", "last.safetensors", "best.json", "best.safetensors", "loss.png")
 
 
