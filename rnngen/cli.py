@@ -16,6 +16,7 @@ from typing import Iterator, List, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from rnngen import __version__
 from rnngen.errors import RnngenError
@@ -34,7 +35,7 @@ def user_errors() -> Iterator[None]:
     try:
         yield
     except RnngenError as exc:
-        _stderr().print(f"[bold red]error:[/] {exc}", markup=True, soft_wrap=True)
+        _stderr().print(f"[bold red]error:[/] {escape(str(exc))}", markup=True, soft_wrap=True)
         raise typer.Exit(EXIT_ERROR) from None
     except KeyboardInterrupt:
         _stderr().print("interrupted")
@@ -48,6 +49,7 @@ def _version_callback(value: bool) -> None:
 
 
 def create_app() -> typer.Typer:
+    """The CLI: rnngen's own commands and those of plugins, added through the same hook."""
     app = typer.Typer(
         name="rnngen",
         help="Train, export and run recurrent language models (RNN, LSTM, GRU) with ONNX.",
@@ -58,17 +60,22 @@ def create_app() -> typer.Typer:
 
     @app.callback()
     def root(
+        ctx: typer.Context,
+        config: Optional[Path] = typer.Option(None, "--config", envvar="RNNGEN_CONFIG", help="TOML file of option defaults, one table per command (default: $XDG_CONFIG_HOME/rnngen/config.toml where it exists)."),
         version: bool = typer.Option(False, "--version", callback=_version_callback, is_eager=True, help="Print the version and exit."),
     ) -> None:
-        pass
+        from rnngen.settings import config_defaults
 
-    app.command(help="Train a model on a UTF-8 text file (needs the train extra).")(train)
-    app.command(help="Export a checkpoint to one self-contained ONNX file (needs the train extra).")(export)
-    app.command(help="Stream generated text from an exported model.")(generate)
-    app.command(help="Show a model's metadata and the execution providers.")(info)
-    app.command(help="Loss (nats and bits per token and char) and perplexity of a text file.")(score)
-    app.command(help="Serve models over gRPC to many concurrent streaming clients.")(serve)
-    app.command(help="Ask a server's gRPC health service; exit 0 when SERVING (for container health checks).")(health)
+        # Every command option can come from RNNGEN_<COMMAND>_<OPTION> (an option that names its own
+        # variable, such as serve's RNNGEN_PORT, uses that one) and from the config file.
+        # Precedence: command line > environment > config file > built-in default (docs/configuration.md).
+        ctx.auto_envvar_prefix = "RNNGEN"
+        with user_errors():
+            ctx.default_map = config_defaults(config, ctx.command)
+
+    from rnngen.plugins import registry
+
+    registry().add_commands(app)
     return app
 
 
@@ -152,6 +159,7 @@ def generate(
     no_repeat_ngram: int = typer.Option(0, "--no-repeat-ngram", help="Never repeat an n-gram of this size (0: off)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Random seed: the same seed gives the same text."),
     stop: Optional[List[str]] = typer.Option(None, "--stop", help="Stop before this string (repeatable)."),
+    processor: Optional[List[str]] = typer.Option(None, "--processor", help="A logits processor NAME[:ARGUMENT], e.g. ban:0123456789 (repeatable; `rnngen plugins` lists them)."),
     samples: int = typer.Option(1, "--samples", help="Independent samples of the prompt, decoded as one batch."),
     beams: int = typer.Option(1, "--beams", help="Beam search with this many beams (deterministic)."),
     length_penalty: float = typer.Option(1.0, "--length-penalty", help="Beam score = log-probability / length ** this."),
@@ -181,7 +189,7 @@ def generate(
             max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
             repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
             frequency_penalty=frequency_penalty, no_repeat_ngram_size=no_repeat_ngram, seed=seed,
-            stop=tuple(stop or ()), on_unknown=unknown, n=samples, num_beams=beams, length_penalty=length_penalty,
+            stop=tuple(stop or ()), processors=tuple(processor or ()), on_unknown=unknown, n=samples, num_beams=beams, length_penalty=length_penalty,
             early_stopping=early_stopping, num_return_sequences=num_return,
         )
         if model is None:
@@ -225,7 +233,7 @@ def generate(
 
 
 def _generate_remote(*, model, prompt, max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty,
-                     presence_penalty, frequency_penalty, no_repeat_ngram, seed, stop, samples, beams, length_penalty,
+                     presence_penalty, frequency_penalty, no_repeat_ngram, seed, stop, processor, samples, beams, length_penalty,
                      early_stopping, num_return, device, unknown, as_json, quiet, server, tls_ca, token, session_out,
                      resume) -> None:
     import grpc
@@ -239,7 +247,8 @@ def _generate_remote(*, model, prompt, max_new_tokens, temperature, top_k, top_p
     params = GenerationParams(
         max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
         repetition_penalty=repetition_penalty, presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
-        no_repeat_ngram_size=no_repeat_ngram, seed=seed, stop=tuple(stop or ()), on_unknown=unknown,
+        no_repeat_ngram_size=no_repeat_ngram, seed=seed, stop=tuple(stop or ()), processors=tuple(processor or ()),
+        on_unknown=unknown,
     )
     session = resume.read_bytes() if resume else None
     out = sys.stdout
@@ -343,7 +352,7 @@ def health(
         with channel:
             reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
     except grpc.RpcError as exc:
-        _stderr().print(f"[bold red]error:[/] {target}: {exc.code().name}: {exc.details()}")
+        _stderr().print(f"[bold red]error:[/] {target}: {exc.code().name}: {escape(str(exc.details()))}")
         raise typer.Exit(EXIT_ERROR) from None
     status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
     typer.echo(f"{target}: {status}")
@@ -431,3 +440,42 @@ def score(
             f"perplexity {result.perplexity:.3f}\n"
             f"  {result.nats_per_char:.4f} nats/char   {result.bits_per_char:.4f} bits/char"
         )
+
+
+# ---------------------------------------------------------------------------- plugins
+
+
+def plugins(
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """List the loaded plugins (rnngen's built-ins among them), what each provides, and any that failed."""
+    from rich.table import Table
+
+    from rnngen.plugins import registry
+
+    reg = registry()
+    reg.load_all()  # the commands were registered when this CLI was built
+    found = list(reg.plugins.values())
+    if as_json:
+        tables = {"tokenizers": reg.tokenizers(), "logits_processors": reg.logits_processors(),
+                  "model_sources": reg.model_sources(), "inspect_features": reg.inspect_features()}
+        typer.echo(json.dumps({"plugins": [p.to_dict() for p in found], **{
+            kind: {name: {"plugin": e.plugin, "help": e.help} for name, e in table.items()}
+            for kind, table in tables.items()}}, indent=2))
+        return
+    table = Table(title="rnngen plugins")
+    for column in ("plugin", "from", "status", "provides"):
+        table.add_column(column)
+    for p in found:
+        provides = "\n".join(f"{kind}: {', '.join(names)}" for kind, names in sorted(p.provides.items()))
+        status = p.status if not p.errors else f"{p.status}\n" + "\n".join(p.errors)
+        table.add_row(p.name, p.source, status, provides or "-")
+    Console().print(table)
+    help_table = Table(title="processors, tokenizers, model sources and inspect features", show_header=True)
+    for column in ("kind", "name", "plugin", "help"):
+        help_table.add_column(column)
+    for kind, entries in (("processor", reg.logits_processors()), ("tokenizer", reg.tokenizers()),
+                          ("model source", reg.model_sources()), ("inspect feature", reg.inspect_features())):
+        for name, e in sorted(entries.items()):
+            help_table.add_row(kind, name, e.plugin, e.help)
+    Console().print(help_table)

@@ -145,6 +145,7 @@ class Row:
     capture_state: bool = False  # keep the row's state when it finishes (to resume it later)
     final_state: dict | None = None  # (layers, 1, hidden) per state name: before its last token was fed
     generated_before: int = 0  # tokens generated earlier in a resumed session
+    logit_processors: list = field(default_factory=list)  # built from params.processors when the row joins
     row_id: int = field(default_factory=lambda: next(_row_ids))
 
     def __post_init__(self) -> None:
@@ -229,6 +230,8 @@ class DecodeEngine:
             raise ValueError("rows, logits and state must have the same number of rows")
         for row in rows:
             row.params.check_for_vocab(self.model.config.vocab_size)
+            if row.params.processors and len(row.logit_processors) != len(row.params.processors):
+                row.logit_processors = row.params.build_processors(self.model.tokenizer)
         self._sync_from_device()
         unknown = np.full(len(rows), -1, dtype=np.int64)
         no_log_z = np.full(len(rows), np.nan, dtype=np.float32)
@@ -379,7 +382,7 @@ class DecodeEngine:
         sub_rp = rp if len(need) == len(raw) else rp.take(need)
         rows = [self.rows[i] for i in need]
         x = z
-        if sub_rp.uses_repetition or sub_rp.uses_counts or sub_rp.uses_ngrams:
+        if sub_rp.uses_repetition or sub_rp.uses_counts or sub_rp.uses_ngrams or sub_rp.uses_custom:
             x = z.astype(np.float64)
             if sub_rp.uses_repetition or sub_rp.uses_counts:
                 seen = None if self._seen is None else self._seen[need]
@@ -389,6 +392,11 @@ class DecodeEngine:
                 banned = banned_by_ngrams(list(row.history), row.params.no_repeat_ngram_size)
                 if banned:
                     x[i, banned] = -np.inf
+            for i, row in enumerate(rows) if sub_rp.uses_custom else ():
+                for spec, process in zip(row.params.processors, row.logit_processors):
+                    x[i] = process(x[i], row.history)
+                    if not np.isfinite(x[i]).any():
+                        raise InvalidParameterError(f"processor {spec}: no token is left to choose")
         if sub_rp.all_greedy:
             chosen = x.argmax(axis=1)
         else:

@@ -6,6 +6,7 @@ Applied in a fixed order, each only when some row in the batch needs it:
   2. presence and frequency penalties (OpenAI): logit -= presence * [count > 0]
      + frequency * count, counting generated tokens;
   3. no-repeat n-gram: tokens that would repeat an n-gram of the row's text are banned;
+     then the row's registered processors (`--processor`, built-in or from plugins), per row;
   4. temperature (rows with temperature 0 are greedy and skip 4-7);
   5. top-k; 6. top-p (nucleus); 7. min-p (keep p >= min_p * max p).
 Then one token per row: argmax for greedy rows, otherwise an inverse-CDF draw
@@ -34,6 +35,7 @@ class RowParams:
     presence: np.ndarray  # (B,) float64, 0 = off
     frequency: np.ndarray  # (B,) float64, 0 = off
     no_repeat_ngram: np.ndarray  # (B,) int, 0 = off
+    custom: np.ndarray  # (B,) bool: the row has plugin/built-in logits processors (--processor)
 
     def __post_init__(self) -> None:
         # Which processors any row needs, decided once per batch change rather than every step.
@@ -46,9 +48,10 @@ class RowParams:
         self.uses_top_k = bool(np.any(self.top_k > 0))
         self.uses_top_p = bool(np.any(self.top_p < 1.0))
         self.uses_min_p = bool(np.any(self.min_p > 0.0))
+        self.uses_custom = bool(np.any(self.custom))
         # Rows that need nothing but temperature: the step graph samples their next token itself.
         self.simple = ((self.top_k == 0) & (self.top_p >= 1.0) & (self.min_p == 0.0) & (self.repetition == 1.0)
-                       & (self.presence == 0.0) & (self.frequency == 0.0) & (self.no_repeat_ngram == 0))
+                       & (self.presence == 0.0) & (self.frequency == 0.0) & (self.no_repeat_ngram == 0) & ~self.custom)
         self.graph_sampled = np.flatnonzero(self.simple & ~self.greedy).tolist()  # rows that draw for the graph
         # Per-batch arrays the engine reuses every step (the step graph's sampling inputs among them).
         self.row_index = np.arange(len(self.temperature))
@@ -58,7 +61,7 @@ class RowParams:
     def take(self, index: np.ndarray) -> "RowParams":
         """The parameters of some rows only."""
         return RowParams(self.temperature[index], self.top_k[index], self.top_p[index], self.min_p[index],
-                         self.repetition[index], self.presence[index], self.frequency[index], self.no_repeat_ngram[index])
+                         self.repetition[index], self.presence[index], self.frequency[index], self.no_repeat_ngram[index], self.custom[index])
 
     @classmethod
     def from_params(cls, params: list) -> "RowParams":
@@ -68,7 +71,7 @@ class RowParams:
         return cls(arr("temperature", np.float64), arr("top_k", np.int64), arr("top_p", np.float64),
                    arr("min_p", np.float64), arr("repetition_penalty", np.float64),
                    arr("presence_penalty", np.float64), arr("frequency_penalty", np.float64),
-                   arr("no_repeat_ngram_size", np.int64))
+                   arr("no_repeat_ngram_size", np.int64), np.array([bool(p.processors) for p in params], dtype=bool))
 
 
 def apply_penalties(logits: np.ndarray, rp: RowParams, seen: np.ndarray | None, counts: np.ndarray | None) -> np.ndarray:

@@ -129,7 +129,10 @@ class RnnModel:
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: str = "auto", options: SessionOptions | None = None) -> "RnnModel":
-        return cls(read_model_file(path), device, options)
+        """Load a model file; `path` may also be a model name or SCHEME:... of a model source (rnngen.plugins)."""
+        from rnngen.plugins import resolve_model
+
+        return cls(read_model_file(resolve_model(path)), device, options)
 
     @property
     def device(self) -> str:

@@ -17,6 +17,7 @@ MAX_STOP_STRINGS = 16
 MAX_SEED = 2**63 - 1
 MAX_SAMPLES = 256
 MAX_BEAMS = 64
+MAX_PROCESSORS = 16
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,7 @@ class GenerationParams:
     no_repeat_ngram_size: int = 0  # never repeat an n-gram of this size; 0 is off
     seed: int | None = None  # same seed, same text; None draws a fresh one
     stop: tuple[str, ...] = field(default_factory=tuple)  # generation ends before any of these strings
+    processors: tuple[str, ...] = field(default_factory=tuple)  # registered logits processors, "NAME[:ARGUMENT]"
     on_unknown: str = "error"  # prompt characters outside the vocabulary: error, replace or skip
     n: int = 1  # independent samples of the same prompt (sampling only)
     num_beams: int = 1  # beam search when > 1 (deterministic; ignores temperature, top-k/p, min-p)
@@ -62,6 +64,16 @@ class GenerationParams:
         for s in self.stop:
             if not isinstance(s, str) or not s:
                 raise InvalidParameterError(f"stop: {s!r} is not a non-empty string")
+        if not isinstance(self.processors, tuple):
+            object.__setattr__(self, "processors", tuple(self.processors))
+        if len(self.processors) > MAX_PROCESSORS:
+            raise InvalidParameterError(f"processors: {len(self.processors)} given, at most {MAX_PROCESSORS} allowed")
+        if not all(isinstance(p, str) and p for p in self.processors):
+            raise InvalidParameterError(f"processors: {self.processors!r} must be non-empty strings NAME[:ARGUMENT]")
+        if self.processors:
+            from rnngen.plugins import check_processor_names
+
+            check_processor_names(self.processors)
         if self.on_unknown not in UNKNOWN_POLICIES:
             raise InvalidParameterError(f"on_unknown: {self.on_unknown!r} is not one of {', '.join(UNKNOWN_POLICIES)}")
         _int_in("n", self.n, 1, MAX_SAMPLES)
@@ -70,6 +82,8 @@ class GenerationParams:
         if not isinstance(self.early_stopping, bool):
             raise InvalidParameterError(f"early_stopping: {self.early_stopping!r} is not true or false")
         _int_in("num_return_sequences", self.num_return_sequences, 1, MAX_BEAMS)
+        if self.num_beams > 1 and self.processors:
+            raise InvalidParameterError("processors: logits processors apply to sampling and greedy decoding, not beam search")
         if self.num_beams > 1 and self.n > 1:
             raise InvalidParameterError("n: several samples cannot be combined with beam search; use num_return_sequences")
         if self.num_return_sequences > self.num_beams:
@@ -89,6 +103,14 @@ class GenerationParams:
     def check_for_vocab(self, vocab_size: int) -> None:
         if self.top_k > vocab_size:
             raise InvalidParameterError(f"top_k: {self.top_k} is larger than the model's vocabulary ({vocab_size})")
+
+    def build_processors(self, tokenizer) -> list:
+        """The row's logits processors for this model's tokenizer (raises on a bad argument)."""
+        if not self.processors:
+            return []
+        from rnngen.plugins import build_processor
+
+        return [build_processor(spec, tokenizer) for spec in self.processors]
 
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}

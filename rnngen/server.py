@@ -145,6 +145,7 @@ class GeneratorService(pb_grpc.GeneratorServicer):
         start = time.perf_counter()
         name = request.model or self.default
         status = "CANCELLED"  # unless the stream ends normally or with an error below
+        recorded = False
         stream = None
         self.in_flight += 1
         try:
@@ -164,19 +165,22 @@ class GeneratorService(pb_grpc.GeneratorServicer):
                 yield message
             status = "OK"
         except RnngenError as exc:
-            status = status_of(exc).name
+            status, recorded = status_of(exc).name, True
+            self.metrics.requests.labels(name, status).inc()  # counted before the client can see the error
             await context.abort(status_of(exc), str(exc))
         except asyncio.CancelledError:
             raise
         except grpc.aio.AbortError:
             raise
         except Exception as exc:  # a bug in one stream ends that stream only
-            status = "INTERNAL"
+            status, recorded = "INTERNAL", True
+            self.metrics.requests.labels(name, status).inc()
             await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
         finally:
             if stream is not None:
                 stream.cancel()  # a client's cancel or deadline frees the row at the next step
-            self.metrics.requests.labels(name, status).inc()
+            if not recorded:
+                self.metrics.requests.labels(name, status).inc()
             self.in_flight -= 1
 
     def _prefill(self, served: ServedModel, request, params: GenerationParams):

@@ -175,7 +175,6 @@ class WordTokenizer:
 
 
 Tokenizer = CharTokenizer | ByteTokenizer | WordTokenizer
-TOKENIZER_KINDS = ("char", "byte", "word")
 
 
 def _words(text: str) -> Iterable[str]:
@@ -188,28 +187,35 @@ def _words(text: str) -> Iterable[str]:
 
 
 def build_tokenizer(kind: str, text: str, max_vocab: int = 10_000) -> Tokenizer:
-    if kind == "char":
-        return CharTokenizer.from_text(text)
-    if kind == "byte":
-        return ByteTokenizer()
-    if kind == "word":
-        return WordTokenizer.from_text(text, max_vocab)
-    raise InvalidParameterError(f"tokenizer: {kind!r} is not one of {', '.join(TOKENIZER_KINDS)}")
+    """A tokenizer of a registered kind (built-in or from a plugin) fitted to a training text."""
+    from rnngen.plugins import tokenizer_type
+
+    entry = tokenizer_type(kind)
+    from_text = entry.extra.get("from_text")
+    if from_text is None:
+        raise InvalidParameterError(f"tokenizer: {kind!r} (from plugin {entry.plugin}) cannot be built for training")
+    return from_text(text, max_vocab)
 
 
 def tokenizer_from_dict(data: dict) -> Tokenizer:
     """Rebuild a tokenizer from model metadata (plain JSON data, nothing executed)."""
+    from rnngen.plugins import registry
+
     if not isinstance(data, dict):
         raise TokenizerError("tokenizer description is not a JSON object")
     kind = data.get("kind")
+    table = registry().tokenizers()
+    if not isinstance(kind, str) or kind not in table:
+        raise TokenizerError(f"tokenizer kind {kind!r} is not one of {', '.join(sorted(table))}"
+                             " (a plugin may provide it: see `rnngen plugins`)")
+    return table[kind].value(data)
+
+
+def symbols_of(data: dict, kind: str) -> list[str]:
     symbols = data.get("symbols")
-    if kind == "byte":
-        return ByteTokenizer()
-    if kind in ("char", "word"):
-        if not isinstance(symbols, list) or not all(isinstance(s, str) for s in symbols):
-            raise TokenizerError(f"{kind} tokenizer needs a list of string symbols")
-        return CharTokenizer(symbols) if kind == "char" else WordTokenizer(symbols)
-    raise TokenizerError(f"tokenizer kind {kind!r} is not one of {', '.join(TOKENIZER_KINDS)}")
+    if not isinstance(symbols, list) or not all(isinstance(s, str) for s in symbols):
+        raise TokenizerError(f"{kind} tokenizer needs a list of string symbols")
+    return symbols
 
 
 class _TableStreamDecoder:

@@ -132,7 +132,7 @@ def test_bad_corpus_is_one_clear_error(tmp_path, content, needle):
     ("lr", 0.0, "lr: 0.0 is outside (0.0, 10.0]"),
     ("lr", float("nan"), "lr: nan"),
     ("val_fraction", 0.95, "val_fraction: 0.95 is outside (0.0, 0.9]"),
-    ("tokenizer", "bpe", "tokenizer: 'bpe' is not one of char, byte, word"),
+    ("tokenizer", "bpe", "tokenizer: 'bpe' is not one of byte, char, word"),
 ])
 def test_invalid_training_settings(tmp_path, field, value, needle):
     with pytest.raises(InvalidParameterError) as err:

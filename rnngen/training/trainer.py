@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from rnngen.config import ModelConfig
 from rnngen.corpus import read_corpus, split_train_val
 from rnngen.errors import CheckpointError, DataError, InvalidParameterError, OverwriteRefusedError, TrainingDivergedError
-from rnngen.tokenizers import TOKENIZER_KINDS, build_tokenizer
+from rnngen.tokenizers import build_tokenizer
 from rnngen.training.checkpoint import load_checkpoint, restore_optimizer, save_checkpoint
 
 RUN_FILES = ("last.json", "last.safetensors", "best.json", "best.safetensors", "loss.png")
@@ -56,8 +56,9 @@ class TrainConfig:
     threads: int = 0  # torch CPU threads; 0 keeps torch's default
 
     def __post_init__(self) -> None:
-        if self.tokenizer not in TOKENIZER_KINDS:
-            raise InvalidParameterError(f"tokenizer: {self.tokenizer!r} is not one of {', '.join(TOKENIZER_KINDS)}")
+        from rnngen.plugins import tokenizer_type
+
+        tokenizer_type(self.tokenizer)  # raises, naming the known kinds
         for name, lo, hi in (
             ("max_vocab", 3, 10_000_000), ("seq_len", 1, 100_000), ("batch_size", 1, 1_000_000),
             ("warmup_steps", 0, 10**9), ("steps", 1, 10**9), ("eval_every", 1, 10**9),
