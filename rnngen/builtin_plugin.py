@@ -22,6 +22,7 @@ def register_commands(app) -> None:
     app.command(help="Stream generated text from an exported model.")(cli.generate)
     app.command(help="Show a model's metadata and the execution providers.")(cli.info)
     app.command(help="Loss (nats and bits per token and char) and perplexity of a text file.")(cli.score)
+    app.command(help="Write an HTML report of what the model's units track in a text (or --json).")(cli.inspect)
     app.command(help="Serve models over gRPC to many concurrent streaming clients.")(cli.serve)
     app.command(help="Ask a server's gRPC health service; exit 0 when SERVING (for container health checks).")(cli.health)
     app.command(help="List loaded plugins and what each provides.")(cli.plugins)

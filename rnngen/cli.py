@@ -442,6 +442,74 @@ def score(
         )
 
 
+# ---------------------------------------------------------------------------- inspect
+
+
+def inspect(
+    text_file: Path = typer.Argument(..., help="UTF-8 text to run the model over."),
+    model: str = typer.Option(..., "--model", "-m", help="An rnngen model (char- or byte-level)."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write the HTML report here [default: TEXT_FILE's name + .inspect.html, unless --json]."),
+    as_json: bool = typer.Option(False, "--json", help="Print the analysis as JSON (per-token surprise and entropy included)."),
+    feature: Optional[List[str]] = typer.Option(None, "--feature", help="Also rank units against NAME=REGEX: 1 inside matches (repeatable)."),
+    unit: Optional[List[str]] = typer.Option(None, "--unit", help="Include this unit's activations, e.g. l1.c[42] (repeatable)."),
+    top: int = typer.Option(5, "--top", help="Units listed per feature."),
+    max_chars: int = typer.Option(20_000, "--max-chars", help="Analyse at most this many characters from the start of the file."),
+    show_chars: int = typer.Option(3_000, "--show-chars", help="Characters shown coloured in the report."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing report file."),
+) -> None:
+    """Record every unit over a text, find the units that track features of it, and write a report."""
+    with user_errors():
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        from rnngen.errors import InvalidParameterError
+        from rnngen.features import parse_feature_option
+        from rnngen.introspection import analyse, analysis_to_dict, parse_unit
+        from rnngen.report_html import render_report, report_units
+        from rnngen.runtime import RnnModel
+
+        for name, value, low in (("--top", top, 1), ("--max-chars", max_chars, 1), ("--show-chars", show_chars, 1)):
+            if value < low:
+                raise InvalidParameterError(f"{name}: {value} must be at least {low}")
+        if not text_file.is_file():
+            raise InvalidParameterError(f"{text_file}: no such file")
+        try:
+            with open(text_file, encoding="utf-8") as f:
+                text = f.read(max_chars)
+        except UnicodeDecodeError as exc:
+            raise InvalidParameterError(f"{text_file}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        if output is None and not as_json:
+            output = text_file.with_name(text_file.name + ".inspect.html")
+        if output is not None and output.exists() and not force:
+            raise InvalidParameterError(f"{output} exists; use --force to replace it")
+        extra = {}
+        for option in feature or []:
+            name, compute = parse_feature_option(option)
+            extra[name] = (compute, f"inside matches of {option.partition('=')[2]!r}", "regex")
+        rnn = RnnModel.load(model, device=device)
+        units = [parse_unit(u, rnn.config) for u in unit or []]
+        columns = (TextColumn("recording"), BarColumn(), MofNCompleteColumn(), TextColumn("tokens"), TimeRemainingColumn())
+        with Progress(*columns, console=_stderr(), transient=True) as progress:
+            task = progress.add_task("record", total=len(text))
+            analysis = analyse(rnn, text, extra, top=top, on_progress=lambda n: progress.update(task, completed=n))
+        cfg = rnn.config
+        if output is not None:
+            summary = (f"{cfg.cell} {cfg.num_layers}x{cfg.hidden_size}, {rnn.tokenizer.kind} tokenizer, "
+                       f"{len(analysis.recording.units):,} units recorded")
+            page = render_report(analysis, Path(str(model)).name, summary,
+                                 report_units(analysis, units), show_chars)
+            tmp = output.with_name(output.name + ".tmp")
+            tmp.write_text(page, encoding="utf-8")
+            tmp.replace(output)  # never a half-written report in place of a good one
+        if as_json:
+            typer.echo(json.dumps(analysis_to_dict(analysis, rnn, units), ensure_ascii=False))
+            return
+        console = Console(highlight=False)
+        for name, u, r in analysis.best(5):
+            console.print(f"  {name:<16} {u.name:<12} r = {r:+.3f}")
+        console.print(f"mean surprise {analysis.recording.surprise_bits.mean():.3f} bits/token; wrote {output}")
+
+
 # ---------------------------------------------------------------------------- plugins
 
 

@@ -133,3 +133,26 @@ def add_sampling_head(step: onnx.ModelProto, vocab_size: int, logits_name: str =
     g.output.extend([helper.make_tensor_value_info(NEXT_TOKEN, onnx.TensorProto.INT64, ["batch"]),
                      helper.make_tensor_value_info(LOG_Z, f32, ["batch"])])
     return model
+
+
+# Gate activations inside each layer's step, by cell (names as rnngen.onnx_graph builds them).
+GATES = {"rnn": (), "lstm": ("i", "f", "g", "o"), "gru": ("r", "z", "n")}
+
+
+def add_gate_outputs(step: onnx.ModelProto, cell: str, num_layers: int) -> tuple[onnx.ModelProto, list[tuple[str, int, str]]]:
+    """A copy of a step graph that also outputs every layer's gate activations, (B, H) each.
+
+    Returns the model and, per added output, (gate, layer, output name). Gates a file
+    does not name as rnngen builds them are left out (the model still works, with fewer units).
+    """
+    model = onnx.ModelProto()
+    model.CopyFrom(step)
+    produced = {out for node in model.graph.node for out in node.output}
+    added = []
+    for layer in range(num_layers):
+        for gate in GATES[cell]:
+            name = f"l{layer}_loop/l{layer}_{gate}"
+            if name in produced:
+                model.graph.output.append(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+                added.append((gate, layer, name))
+    return model, added
