@@ -168,6 +168,9 @@ def generate(
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     unknown: str = typer.Option("error", "--unknown", help="Prompt characters outside the vocabulary: error, replace or skip."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object: per sequence text, tokens, finish reason, score."),
+    introspect: bool = typer.Option(False, "--introspect", help="With --json: per token the top alternatives, entropy and --unit activations."),
+    top_alternatives: int = typer.Option(5, "--top-alternatives", help="With --introspect: alternatives listed per token."),
+    unit: Optional[List[str]] = typer.Option(None, "--unit", help="With --introspect: report this state unit per token, e.g. l1.c[42] (repeatable)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only the text, no statistics."),
     server: Optional[str] = typer.Option(None, "--server", help="Generate on an rnngen server at HOST:PORT instead of locally."),
     tls_ca: Optional[Path] = typer.Option(None, "--tls-ca", help="With --server: CA certificate of a TLS server."),
@@ -191,7 +194,12 @@ def generate(
             frequency_penalty=frequency_penalty, no_repeat_ngram_size=no_repeat_ngram, seed=seed,
             stop=tuple(stop or ()), processors=tuple(processor or ()), on_unknown=unknown, n=samples, num_beams=beams, length_penalty=length_penalty,
             early_stopping=early_stopping, num_return_sequences=num_return,
+            introspect=introspect, top_alternatives=top_alternatives, units=tuple(unit or ()),
         )
+        if introspect and not as_json:
+            from rnngen.errors import InvalidParameterError
+
+            raise InvalidParameterError("--introspect: the per-token details come with --json")
         if model is None:
             from rnngen.errors import InvalidParameterError
 
@@ -234,8 +242,8 @@ def generate(
 
 def _generate_remote(*, model, prompt, max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty,
                      presence_penalty, frequency_penalty, no_repeat_ngram, seed, stop, processor, samples, beams, length_penalty,
-                     early_stopping, num_return, device, unknown, as_json, quiet, server, tls_ca, token, session_out,
-                     resume) -> None:
+                     early_stopping, num_return, device, unknown, as_json, introspect, top_alternatives, unit, quiet, server,
+                     tls_ca, token, session_out, resume) -> None:
     import grpc
 
     from rnngen.client import RnngenClient
@@ -248,11 +256,13 @@ def _generate_remote(*, model, prompt, max_new_tokens, temperature, top_k, top_p
         max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
         repetition_penalty=repetition_penalty, presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
         no_repeat_ngram_size=no_repeat_ngram, seed=seed, stop=tuple(stop or ()), processors=tuple(processor or ()),
-        on_unknown=unknown,
+        on_unknown=unknown, introspect=introspect, top_alternatives=top_alternatives, units=tuple(unit or ()),
     )
+    if introspect and not as_json:
+        raise InvalidParameterError("--introspect: the per-token details come with --json")
     session = resume.read_bytes() if resume else None
     out = sys.stdout
-    text, last = "", None
+    text, last, details = "", None, []
     start = time.perf_counter()
     try:
         with RnngenClient(server, tls_ca=tls_ca, token=token) as client:
@@ -262,6 +272,7 @@ def _generate_remote(*, model, prompt, max_new_tokens, temperature, top_k, top_p
                                            return_session=session_out is not None):
                 text += message.text
                 last = message
+                details.extend(message.details)
                 if not as_json:
                     out.write(message.text)
                     out.flush()
@@ -272,9 +283,15 @@ def _generate_remote(*, model, prompt, max_new_tokens, temperature, top_k, top_p
     if session_out is not None and last is not None and last.session:
         session_out.write_bytes(last.session)
     if as_json:
-        out.write(json.dumps({"server": server, "model": model or "", "sequences": [{
-            "index": 0, "text": text, "tokens": last.usage.completion_tokens if last else 0, "finish_reason": reason}]},
-            ensure_ascii=False, indent=2) + "\n")
+        sequence = {"index": 0, "text": text, "tokens": last.usage.completion_tokens if last else 0,
+                    "finish_reason": reason}
+        if introspect:
+            from google.protobuf.json_format import MessageToDict
+
+            sequence["details"] = [MessageToDict(d, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+                                   for d in details]
+        out.write(json.dumps({"server": server, "model": model or "", "sequences": [sequence]},
+                             ensure_ascii=False, indent=2) + "\n")
     else:
         out.write("\n")
     out.flush()
@@ -455,6 +472,7 @@ def inspect(
     top: int = typer.Option(5, "--top", help="Units listed per feature."),
     max_chars: int = typer.Option(20_000, "--max-chars", help="Analyse at most this many characters from the start of the file."),
     show_chars: int = typer.Option(3_000, "--show-chars", help="Characters shown coloured in the report."),
+    unknown: str = typer.Option("error", "--unknown", help="Characters outside the vocabulary: error, or replace (features still see the real text)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     force: bool = typer.Option(False, "--force", help="Replace an existing report file."),
 ) -> None:
@@ -491,7 +509,8 @@ def inspect(
         columns = (TextColumn("recording"), BarColumn(), MofNCompleteColumn(), TextColumn("tokens"), TimeRemainingColumn())
         with Progress(*columns, console=_stderr(), transient=True) as progress:
             task = progress.add_task("record", total=len(text))
-            analysis = analyse(rnn, text, extra, top=top, on_progress=lambda n: progress.update(task, completed=n))
+            analysis = analyse(rnn, text, extra, top=top, on_progress=lambda n: progress.update(task, completed=n),
+                               on_unknown=unknown)
         cfg = rnn.config
         if output is not None:
             summary = (f"{cfg.cell} {cfg.num_layers}x{cfg.hidden_size}, {rnn.tokenizer.kind} tokenizer, "

@@ -32,6 +32,11 @@ def params_to_pb(params: GenerationParams) -> pb.GenerationParameters:
     message.stop.extend(params.stop)
     if params.on_unknown != _DEFAULTS.on_unknown:
         message.on_unknown = params.on_unknown
+    message.processors.extend(params.processors)
+    if params.introspect:
+        message.introspect = True
+        message.top_alternatives = params.top_alternatives
+        message.units.extend(params.units)
     return message
 
 

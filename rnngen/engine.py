@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from rnngen.errors import InvalidParameterError
+from rnngen.introspection import state_units, token_details
 from rnngen.processors import RowParams, apply_penalties, banned_by_ngrams, draw, filtered_probs
 from rnngen.runtime import BoundStepper, RnnModel
 from rnngen.sampling import GenerationParams
@@ -146,6 +147,7 @@ class Row:
     final_state: dict | None = None  # (layers, 1, hidden) per state name: before its last token was fed
     generated_before: int = 0  # tokens generated earlier in a resumed session
     logit_processors: list = field(default_factory=list)  # built from params.processors when the row joins
+    units: list = field(default_factory=list)  # introspection: the state units to report, parsed when the row joins
     row_id: int = field(default_factory=lambda: next(_row_ids))
 
     def __post_init__(self) -> None:
@@ -188,6 +190,7 @@ class RowUpdate:
     token: int
     text: str
     finished: bool
+    details: dict | None = None  # with params.introspect: see rnngen.introspection.token_details
 
 
 class DecodeEngine:
@@ -232,6 +235,8 @@ class DecodeEngine:
             row.params.check_for_vocab(self.model.config.vocab_size)
             if row.params.processors and len(row.logit_processors) != len(row.params.processors):
                 row.logit_processors = row.params.build_processors(self.model.tokenizer)
+            if row.params.units and not row.units:
+                row.units = state_units(row.params.units, self.model.config)
         self._sync_from_device()
         unknown = np.full(len(rows), -1, dtype=np.int64)
         no_log_z = np.full(len(rows), np.nan, dtype=np.float32)
@@ -282,6 +287,7 @@ class DecodeEngine:
         if self._dirty:
             self._rebuild()
         tokens, logprobs = self._choose_tokens()
+        details = self._details(tokens) if self._rp.any_introspect else {}
         updates = []
         keep = []
         for i, (row, token) in enumerate(zip(self.rows, tokens.tolist())):
@@ -296,7 +302,7 @@ class DecodeEngine:
             else:
                 keep.append(i)
             row.record(token, text)
-            updates.append(RowUpdate(row, token, text, row.finish_reason is not None))
+            updates.append(RowUpdate(row, token, text, row.finish_reason is not None, details.get(i)))
         if self._seen is not None:
             self._seen[np.arange(len(tokens)), tokens] = True
         if self._counts is not None:
@@ -312,6 +318,14 @@ class DecodeEngine:
         if self.rows:
             self._run_model(tokens)
         return updates
+
+    def _details(self, tokens: np.ndarray) -> dict[int, dict]:
+        """Per-token introspection for the rows that asked for it (the state is read back only if units are wanted)."""
+        rows = [(i, row) for i, row in enumerate(self.rows) if row.params.introspect]
+        state = self.current_state().arrays if any(row.units for _, row in rows) else None
+        tokenizer = self.model.tokenizer
+        return {i: token_details(self.logits[i], int(tokens[i]), row.params.top_alternatives, tokenizer, row.units, state, i)
+                for i, row in rows}
 
     def _run_model(self, tokens: np.ndarray) -> None:
         """One batched model call; temperature-only rows get their next token sampled in the graph."""

@@ -12,7 +12,7 @@ streams the text all beams already share, then each returned sequence's rest.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Iterator
 
 from rnngen.beam import BeamSearch
@@ -37,9 +37,13 @@ class SequenceResult:
     tokens: int  # generated tokens
     finish_reason: str  # "length" or "stop"
     score: float  # samples: summed log-probability under the model; beams: the beam score
+    details: list[dict] = field(default_factory=list)  # per token, with params.introspect
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        if not self.details:
+            del out["details"]
+        return out
 
 
 @dataclass
@@ -89,11 +93,14 @@ class Generation:
         rows = [Row(self.params, row_generator(self.seed, i), self.model.tokenizer.stream_decoder(),
                     list(self.prompt_ids), tag=i) for i in range(n)]
         engine.add(rows, logits[[0] * n], state.select([0] * n))  # one prefill, n copies of its state
+        details: list[list[dict]] = [[] for _ in range(n)]
         while len(engine):
             for update in engine.step():
+                if update.details is not None:
+                    details[update.row.tag].append(update.details)
                 if update.text:
                     yield StreamChunk(update.row.tag, update.text)
-        self.sequences = [SequenceResult(r.tag, r.text, r.count, r.finish_reason, r.logprob) for r in rows]
+        self.sequences = [SequenceResult(r.tag, r.text, r.count, r.finish_reason, r.logprob, details[r.tag]) for r in rows]
 
     def _beams(self) -> Iterator[StreamChunk]:
         search = BeamSearch(self.model, self.prompt_ids, self.params)

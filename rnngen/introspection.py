@@ -154,7 +154,7 @@ def correlations(activations: np.ndarray, features: np.ndarray) -> np.ndarray:
     return np.clip(r, -1.0, 1.0)
 
 
-def token_char_index(text: str, tokenizer) -> tuple[list[int], np.ndarray]:
+def token_char_index(text: str, tokenizer, on_unknown: str = "error") -> tuple[list[int], np.ndarray]:
     """Token ids of `text` and, per token, the index of the character it ends in.
 
     Char models: one token per character. Byte models: a character's bytes all map to it.
@@ -166,7 +166,9 @@ def token_char_index(text: str, tokenizer) -> tuple[list[int], np.ndarray]:
         return ids, np.repeat(np.arange(len(text)), sizes)
     if tokenizer.kind == "word":
         raise InvalidParameterError("inspect: word-level models are not supported; use a char- or byte-level model")
-    ids = tokenizer.encode(text)
+    if on_unknown == "skip":
+        raise InvalidParameterError("--unknown: skip would misalign tokens and characters; use error or replace")
+    ids = tokenizer.encode(text, on_unknown=on_unknown)
     if len(ids) != len(text):
         raise InvalidParameterError(f"inspect: the {tokenizer.kind} tokenizer does not give one token per character")
     return ids, np.arange(len(text))
@@ -196,17 +198,18 @@ class Analysis:
 
 def analyse(model: RnnModel, text: str, extra_features: dict[str, tuple[Callable, str, str]] | None = None,
             top: int = 5, on_progress: Callable[[int], None] | None = None,
-            recorder: ActivationRecorder | None = None) -> Analysis:
+            recorder: ActivationRecorder | None = None, on_unknown: str = "error") -> Analysis:
     """Record `model` over `text` and rank the units by |r| with each feature.
 
     Features: every registered one (built-ins and plugins) plus `extra_features`,
-    name -> (compute, help, source).
+    name -> (compute, help, source). They are computed on the text as it is, also where
+    `on_unknown="replace"` feeds the model a stand-in for characters outside its vocabulary.
     """
     from rnngen.plugins import registry
 
     if not text:
         raise InvalidParameterError("inspect: the text is empty")
-    ids, char_index = token_char_index(text, model.tokenizer)
+    ids, char_index = token_char_index(text, model.tokenizer, on_unknown)
     recorder = recorder or ActivationRecorder(model)
     recording = recorder.record(ids, on_progress)
     computes = {name: (e.value, e.help, e.plugin) for name, e in registry().inspect_features().items()}
@@ -252,3 +255,33 @@ def analysis_to_dict(analysis: Analysis, model: RnnModel, units: list[Unit] = ()
     if units:
         out["activations"] = {u.name: [round(float(x), 4) for x in rec.column(u)] for u in units}
     return out
+
+
+# ---------------------------------------------------------------------- per token, while generating
+
+
+def state_units(specs: tuple[str, ...], config) -> list[Unit]:
+    """Units readable while generating: those of the state (h, and c for LSTMs), not the gates."""
+    kinds = [s for s in config.state_names]
+    return [parse_unit(spec, config, kinds) for spec in specs]
+
+
+def token_details(logits: np.ndarray, token: int, top: int, tokenizer, units: list[Unit],
+                  state: dict[str, np.ndarray] | None, row: int) -> dict:
+    """What the model thought when a token was chosen: its log-probability, the entropy, the
+    most likely alternatives (all under the model's own distribution, before any sampling
+    processors) and the selected units of the state the token was predicted from."""
+    log_p = _log_softmax(logits.astype(np.float64))
+    p = np.exp(log_p)
+    order = np.argsort(-log_p)[:top] if top else []
+    details = {
+        "token_id": int(token),
+        "text": tokenizer.decode([int(token)]) if tokenizer.kind != "byte" else repr(bytes([int(token)]))[2:-1],
+        "logprob": round(float(log_p[token]), 5),
+        "entropy": round(float(-(p * log_p).sum()), 5),  # nats
+        "top": [{"token_id": int(i), "text": tokenizer.decode([int(i)]) if tokenizer.kind != "byte"
+                 else repr(bytes([int(i)]))[2:-1], "prob": round(float(p[i]), 5)} for i in order],
+    }
+    if units:
+        details["units"] = {u.name: round(float(state[u.kind][u.layer, row, u.index]), 5) for u in units}
+    return details

@@ -36,6 +36,7 @@ class RowParams:
     frequency: np.ndarray  # (B,) float64, 0 = off
     no_repeat_ngram: np.ndarray  # (B,) int, 0 = off
     custom: np.ndarray  # (B,) bool: the row has plugin/built-in logits processors (--processor)
+    any_introspect: bool = False  # some row reports per-token details
 
     def __post_init__(self) -> None:
         # Which processors any row needs, decided once per batch change rather than every step.
@@ -61,7 +62,8 @@ class RowParams:
     def take(self, index: np.ndarray) -> "RowParams":
         """The parameters of some rows only."""
         return RowParams(self.temperature[index], self.top_k[index], self.top_p[index], self.min_p[index],
-                         self.repetition[index], self.presence[index], self.frequency[index], self.no_repeat_ngram[index], self.custom[index])
+                         self.repetition[index], self.presence[index], self.frequency[index], self.no_repeat_ngram[index], self.custom[index],
+                         self.any_introspect)
 
     @classmethod
     def from_params(cls, params: list) -> "RowParams":
@@ -71,7 +73,8 @@ class RowParams:
         return cls(arr("temperature", np.float64), arr("top_k", np.int64), arr("top_p", np.float64),
                    arr("min_p", np.float64), arr("repetition_penalty", np.float64),
                    arr("presence_penalty", np.float64), arr("frequency_penalty", np.float64),
-                   arr("no_repeat_ngram_size", np.int64), np.array([bool(p.processors) for p in params], dtype=bool))
+                   arr("no_repeat_ngram_size", np.int64), np.array([bool(p.processors) for p in params], dtype=bool),
+                   any(p.introspect for p in params))
 
 
 def apply_penalties(logits: np.ndarray, rp: RowParams, seen: np.ndarray | None, counts: np.ndarray | None) -> np.ndarray:

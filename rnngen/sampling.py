@@ -18,6 +18,8 @@ MAX_SEED = 2**63 - 1
 MAX_SAMPLES = 256
 MAX_BEAMS = 64
 MAX_PROCESSORS = 16
+MAX_ALTERNATIVES = 50
+MAX_UNITS = 64
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,9 @@ class GenerationParams:
     length_penalty: float = 1.0  # beam score = log-probability / length ** length_penalty
     early_stopping: bool = False  # beam search ends as soon as num_beams hypotheses have finished
     num_return_sequences: int = 1  # beam search: how many of the best hypotheses to return
+    introspect: bool = False  # per token: the top alternatives, the entropy and the selected units
+    top_alternatives: int = 5  # with introspect: how many of the most likely tokens to list
+    units: tuple[str, ...] = field(default_factory=tuple)  # with introspect: state units such as "l1.c[42]"
 
     def __post_init__(self) -> None:
         _int_in("max_new_tokens", self.max_new_tokens, 1, MAX_NEW_TOKENS_LIMIT)
@@ -82,6 +87,17 @@ class GenerationParams:
         if not isinstance(self.early_stopping, bool):
             raise InvalidParameterError(f"early_stopping: {self.early_stopping!r} is not true or false")
         _int_in("num_return_sequences", self.num_return_sequences, 1, MAX_BEAMS)
+        if not isinstance(self.introspect, bool):
+            raise InvalidParameterError(f"introspect: {self.introspect!r} is not true or false")
+        _int_in("top_alternatives", self.top_alternatives, 0, MAX_ALTERNATIVES)
+        if not isinstance(self.units, tuple):
+            object.__setattr__(self, "units", tuple(self.units))
+        if len(self.units) > MAX_UNITS:
+            raise InvalidParameterError(f"units: {len(self.units)} given, at most {MAX_UNITS} allowed")
+        if self.units and not self.introspect:
+            raise InvalidParameterError("units: unit activations are reported with introspect on")
+        if self.num_beams > 1 and self.introspect:
+            raise InvalidParameterError("introspect: per-token details are for sampling and greedy decoding, not beam search")
         if self.num_beams > 1 and self.processors:
             raise InvalidParameterError("processors: logits processors apply to sampling and greedy decoding, not beam search")
         if self.num_beams > 1 and self.n > 1:

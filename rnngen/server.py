@@ -26,6 +26,7 @@ from grpc_reflection.v1alpha import reflection
 
 from rnngen.engine import FINISH_LENGTH, FINISH_STOP, BatchState, DecodeEngine, Row, resolve_seed, row_generator
 from rnngen.errors import InvalidParameterError, RnngenError, TokenizerError
+from rnngen.introspection import state_units
 from rnngen.metrics import ServerMetrics
 from rnngen.runtime import RnnModel, SessionOptions
 from rnngen.sampling import GenerationParams
@@ -75,7 +76,22 @@ def params_from_pb(message: pb.GenerationParameters) -> GenerationParams:
         kwargs["stop"] = tuple(message.stop)
     if message.on_unknown:
         kwargs["on_unknown"] = message.on_unknown
+    if message.processors:
+        kwargs["processors"] = tuple(message.processors)
+    if message.introspect:
+        kwargs["introspect"] = True
+        kwargs["units"] = tuple(message.units)
+        if message.HasField("top_alternatives"):
+            kwargs["top_alternatives"] = message.top_alternatives
+    elif message.units:
+        kwargs["units"] = tuple(message.units)  # refused by GenerationParams with the reason
     return GenerationParams(**kwargs)
+
+
+def details_to_pb(details: dict) -> pb.TokenDetail:
+    return pb.TokenDetail(token_id=details["token_id"], text=details["text"], logprob=details["logprob"],
+                          entropy=details["entropy"], units=details.get("units", {}),
+                          top=[pb.Alternative(token_id=a["token_id"], text=a["text"], prob=a["prob"]) for a in details["top"]])
 
 
 @dataclass
@@ -152,6 +168,8 @@ class GeneratorService(pb_grpc.GeneratorServicer):
             served = self._served(request.model)
             params = params_from_pb(request.params)
             params.check_for_vocab(served.model.config.vocab_size)
+            params.build_processors(served.model.tokenizer)  # a bad argument fails here, not in the decode loop
+            state_units(params.units, served.model.config)
             served.scheduler.reserve()
             try:
                 stream, logits, state = await self.loop.run_in_executor(
@@ -236,11 +254,13 @@ class GeneratorService(pb_grpc.GeneratorServicer):
         """One message for everything decoded since the last: per token for a reader that keeps up."""
         text = "".join(u.text for u in updates)
         final = updates[-1] if updates[-1].finished else None
-        if not (text or final or request.return_token_ids):
+        if not (text or final or request.return_token_ids or request.params.introspect):
             return None  # a byte model's unfinished character: nothing to show yet
         message = pb.GenerateResponse(text=text)
         if request.return_token_ids:
             message.token_ids.extend(u.token for u in updates)
+        if request.params.introspect:
+            message.details.extend(details_to_pb(u.details) for u in updates if u.details is not None)
         if final is not None:
             row = final.row
             message.finish_reason = FINISH_TO_PB[row.finish_reason]

@@ -381,3 +381,27 @@ def test_reflection_lists_the_services(start_server):
         assert {"rnngen.v1.Generator", "grpc.health.v1.Health"} <= services
         method = db.FindFileContainingSymbol("rnngen.v1.Generator")
         assert method.package == "rnngen.v1"
+
+
+def test_introspection_details_stream_with_the_text(start_server, char_model_file):
+    params = GenerationParams(max_new_tokens=40, seed=8, introspect=True, top_alternatives=3, units=("l1.c[2]", "l0.h[0]"),
+                              processors=("ban:e",))
+    local = generate(RnnModel.load(char_model_file, device="cpu"), "the ", params).sequences[0]
+    server = start_server()
+    with client_for(server) as client:
+        messages = list(client.generate("the ", params=params))
+    details = [d for m in messages for d in m.details]
+    assert "".join(m.text for m in messages) == local.text and "e" not in local.text
+    assert len(details) == 40 == len(local.details)
+    for remote, mine in zip(details, local.details):
+        assert remote.token_id == mine["token_id"] and remote.text == mine["text"]
+        assert remote.logprob == pytest.approx(mine["logprob"], abs=1e-4)
+        assert [a.token_id for a in remote.top] == [a["token_id"] for a in mine["top"]]
+        assert dict(remote.units) == pytest.approx(mine["units"], abs=1e-4)
+    with client_for(server) as client:
+        for bad, needle in ((GenerationParams(introspect=True, units=("l9.h[0]",)), "layer 9 is not in 0..1"),
+                            (GenerationParams(introspect=True, units=("l0.f[0]",)), "kind 'f' is not one of h, c"),
+                            (GenerationParams(processors=("ban:QQ",)), "none of 'QQ'")):
+            with pytest.raises(grpc.RpcError) as info:
+                collect(client.generate("a", params=bad))
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and needle in info.value.details()

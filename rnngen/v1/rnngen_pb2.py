@@ -24,33 +24,41 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16rnngen/v1/rnngen.proto\x12\trnngen.v1\"\xe6\x03\n\x14GenerationParameters\x12\x1b\n\x0emax_new_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\rH\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x04 \x01(\x01H\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\x05 \x01(\x01H\x04\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x06 \x01(\x01H\x05\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x07 \x01(\x01H\x06\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x08 \x01(\x01H\x07\x88\x01\x01\x12!\n\x14no_repeat_ngram_size\x18\t \x01(\rH\x08\x88\x01\x01\x12\x11\n\x04seed\x18\n \x01(\x04H\t\x88\x01\x01\x12\x0c\n\x04stop\x18\x0b \x03(\t\x12\x12\n\non_unknown\x18\x0c \x01(\tB\x11\n\x0f_max_new_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x17\n\x15_no_repeat_ngram_sizeB\x07\n\x05_seed\"\xb1\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12\x11\n\x07session\x18\x03 \x01(\x0cH\x00\x12/\n\x06params\x18\x04 \x01(\x0b\x32\x1f.rnngen.v1.GenerationParameters\x12\x18\n\x10return_token_ids\x18\x05 \x01(\x08\x12\x16\n\x0ereturn_session\x18\x06 \x01(\x08\x42\x07\n\x05start\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"\x95\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12.\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x17.rnngen.v1.FinishReason\x12\x1f\n\x05usage\x18\x04 \x01(\x0b\x32\x10.rnngen.v1.Usage\x12\x0f\n\x07session\x18\x05 \x01(\x0c\"\x13\n\x11ListModelsRequest\"\xab\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04\x63\x65ll\x18\x02 \x01(\t\x12\x12\n\nnum_layers\x18\x03 \x01(\r\x12\x13\n\x0bhidden_size\x18\x04 \x01(\r\x12\x11\n\ttokenizer\x18\x05 \x01(\t\x12\x12\n\nvocab_size\x18\x06 \x01(\r\x12\x0e\n\x06\x64\x65vice\x18\x07 \x01(\t\x12\x15\n\x08val_loss\x18\x08 \x01(\x01H\x00\x88\x01\x01\x42\x0b\n\t_val_loss\":\n\x12ListModelsResponse\x12$\n\x06models\x18\x01 \x03(\x0b\x32\x14.rnngen.v1.ModelInfo\".\n\x0fTokenizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\"%\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x32\xe2\x01\n\tGenerator\x12\x45\n\x08Generate\x12\x1a.rnngen.v1.GenerateRequest\x1a\x1b.rnngen.v1.GenerateResponse0\x01\x12I\n\nListModels\x12\x1c.rnngen.v1.ListModelsRequest\x1a\x1d.rnngen.v1.ListModelsResponse\x12\x43\n\x08Tokenize\x12\x1a.rnngen.v1.TokenizeRequest\x1a\x1b.rnngen.v1.TokenizeResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16rnngen/v1/rnngen.proto\x12\trnngen.v1\"\xd1\x04\n\x14GenerationParameters\x12\x1b\n\x0emax_new_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\rH\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x04 \x01(\x01H\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\x05 \x01(\x01H\x04\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x06 \x01(\x01H\x05\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x07 \x01(\x01H\x06\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x08 \x01(\x01H\x07\x88\x01\x01\x12!\n\x14no_repeat_ngram_size\x18\t \x01(\rH\x08\x88\x01\x01\x12\x11\n\x04seed\x18\n \x01(\x04H\t\x88\x01\x01\x12\x0c\n\x04stop\x18\x0b \x03(\t\x12\x12\n\non_unknown\x18\x0c \x01(\t\x12\x12\n\nprocessors\x18\r \x03(\t\x12\x12\n\nintrospect\x18\x0e \x01(\x08\x12\x1d\n\x10top_alternatives\x18\x0f \x01(\rH\n\x88\x01\x01\x12\r\n\x05units\x18\x10 \x03(\tB\x11\n\x0f_max_new_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x17\n\x15_no_repeat_ngram_sizeB\x07\n\x05_seedB\x13\n\x11_top_alternatives\"\xb1\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12\x11\n\x07session\x18\x03 \x01(\x0cH\x00\x12/\n\x06params\x18\x04 \x01(\x0b\x32\x1f.rnngen.v1.GenerationParameters\x12\x18\n\x10return_token_ids\x18\x05 \x01(\x08\x12\x16\n\x0ereturn_session\x18\x06 \x01(\x08\x42\x07\n\x05start\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"\xbe\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12.\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x17.rnngen.v1.FinishReason\x12\x1f\n\x05usage\x18\x04 \x01(\x0b\x32\x10.rnngen.v1.Usage\x12\x0f\n\x07session\x18\x05 \x01(\x0c\x12\'\n\x07\x64\x65tails\x18\x06 \x03(\x0b\x32\x16.rnngen.v1.TokenDetail\"\xd4\x01\n\x0bTokenDetail\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x12\x0f\n\x07\x65ntropy\x18\x04 \x01(\x02\x12#\n\x03top\x18\x05 \x03(\x0b\x32\x16.rnngen.v1.Alternative\x12\x30\n\x05units\x18\x06 \x03(\x0b\x32!.rnngen.v1.TokenDetail.UnitsEntry\x1a,\n\nUnitsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\";\n\x0b\x41lternative\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0c\n\x04prob\x18\x03 \x01(\x02\"\x13\n\x11ListModelsRequest\"\xab\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04\x63\x65ll\x18\x02 \x01(\t\x12\x12\n\nnum_layers\x18\x03 \x01(\r\x12\x13\n\x0bhidden_size\x18\x04 \x01(\r\x12\x11\n\ttokenizer\x18\x05 \x01(\t\x12\x12\n\nvocab_size\x18\x06 \x01(\r\x12\x0e\n\x06\x64\x65vice\x18\x07 \x01(\t\x12\x15\n\x08val_loss\x18\x08 \x01(\x01H\x00\x88\x01\x01\x42\x0b\n\t_val_loss\":\n\x12ListModelsResponse\x12$\n\x06models\x18\x01 \x03(\x0b\x32\x14.rnngen.v1.ModelInfo\".\n\x0fTokenizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\"%\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x32\xe2\x01\n\tGenerator\x12\x45\n\x08Generate\x12\x1a.rnngen.v1.GenerateRequest\x1a\x1b.rnngen.v1.GenerateResponse0\x01\x12I\n\nListModels\x12\x1c.rnngen.v1.ListModelsRequest\x1a\x1d.rnngen.v1.ListModelsResponse\x12\x43\n\x08Tokenize\x12\x1a.rnngen.v1.TokenizeRequest\x1a\x1b.rnngen.v1.TokenizeResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'rnngen.v1.rnngen_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=1259
-  _globals['_FINISHREASON']._serialized_end=1354
+  _globals['_TOKENDETAIL_UNITSENTRY']._loaded_options = None
+  _globals['_TOKENDETAIL_UNITSENTRY']._serialized_options = b'8\001'
+  _globals['_FINISHREASON']._serialized_start=1683
+  _globals['_FINISHREASON']._serialized_end=1778
   _globals['_GENERATIONPARAMETERS']._serialized_start=38
-  _globals['_GENERATIONPARAMETERS']._serialized_end=524
-  _globals['_GENERATEREQUEST']._serialized_start=527
-  _globals['_GENERATEREQUEST']._serialized_end=704
-  _globals['_USAGE']._serialized_start=706
-  _globals['_USAGE']._serialized_end=763
-  _globals['_GENERATERESPONSE']._serialized_start=766
-  _globals['_GENERATERESPONSE']._serialized_end=915
-  _globals['_LISTMODELSREQUEST']._serialized_start=917
-  _globals['_LISTMODELSREQUEST']._serialized_end=936
-  _globals['_MODELINFO']._serialized_start=939
-  _globals['_MODELINFO']._serialized_end=1110
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1112
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1170
-  _globals['_TOKENIZEREQUEST']._serialized_start=1172
-  _globals['_TOKENIZEREQUEST']._serialized_end=1218
-  _globals['_TOKENIZERESPONSE']._serialized_start=1220
-  _globals['_TOKENIZERESPONSE']._serialized_end=1257
-  _globals['_GENERATOR']._serialized_start=1357
-  _globals['_GENERATOR']._serialized_end=1583
+  _globals['_GENERATIONPARAMETERS']._serialized_end=631
+  _globals['_GENERATEREQUEST']._serialized_start=634
+  _globals['_GENERATEREQUEST']._serialized_end=811
+  _globals['_USAGE']._serialized_start=813
+  _globals['_USAGE']._serialized_end=870
+  _globals['_GENERATERESPONSE']._serialized_start=873
+  _globals['_GENERATERESPONSE']._serialized_end=1063
+  _globals['_TOKENDETAIL']._serialized_start=1066
+  _globals['_TOKENDETAIL']._serialized_end=1278
+  _globals['_TOKENDETAIL_UNITSENTRY']._serialized_start=1234
+  _globals['_TOKENDETAIL_UNITSENTRY']._serialized_end=1278
+  _globals['_ALTERNATIVE']._serialized_start=1280
+  _globals['_ALTERNATIVE']._serialized_end=1339
+  _globals['_LISTMODELSREQUEST']._serialized_start=1341
+  _globals['_LISTMODELSREQUEST']._serialized_end=1360
+  _globals['_MODELINFO']._serialized_start=1363
+  _globals['_MODELINFO']._serialized_end=1534
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1536
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1594
+  _globals['_TOKENIZEREQUEST']._serialized_start=1596
+  _globals['_TOKENIZEREQUEST']._serialized_end=1642
+  _globals['_TOKENIZERESPONSE']._serialized_start=1644
+  _globals['_TOKENIZERESPONSE']._serialized_end=1681
+  _globals['_GENERATOR']._serialized_start=1781
+  _globals['_GENERATOR']._serialized_end=2007
 # @@protoc_insertion_point(module_scope)
