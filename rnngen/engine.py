@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from rnngen.errors import InvalidParameterError
+from rnngen.errors import InvalidParameterError, RnngenError
 from rnngen.introspection import state_units, token_details
 from rnngen.processors import RowParams, apply_penalties, banned_by_ngrams, draw, filtered_probs
 from rnngen.runtime import BoundStepper, RnnModel
@@ -32,6 +32,7 @@ from rnngen.tokenizers import StreamDecoder
 FINISH_LENGTH = "length"  # max_new_tokens reached
 FINISH_STOP = "stop"  # a stop string was generated
 FINISH_CANCELLED = "cancelled"  # the caller removed the row
+FINISH_ERROR = "error"  # one of the row's logits processors failed (RowUpdate.error says how)
 
 
 class BatchState:
@@ -148,6 +149,7 @@ class Row:
     generated_before: int = 0  # tokens generated earlier in a resumed session
     logit_processors: list = field(default_factory=list)  # built from params.processors when the row joins
     units: list = field(default_factory=list)  # introspection: the state units to report, parsed when the row joins
+    error: Exception | None = None  # a logits processor failed on this row: it ends, the batch goes on
     row_id: int = field(default_factory=lambda: next(_row_ids))
 
     def __post_init__(self) -> None:
@@ -191,6 +193,7 @@ class RowUpdate:
     text: str
     finished: bool
     details: dict | None = None  # with params.introspect: see rnngen.introspection.token_details
+    error: Exception | None = None  # the row ended because of this (its stream gets the error)
 
 
 class DecodeEngine:
@@ -291,6 +294,10 @@ class DecodeEngine:
         updates = []
         keep = []
         for i, (row, token) in enumerate(zip(self.rows, tokens.tolist())):
+            if row.error is not None:
+                row.finish_reason = FINISH_ERROR
+                updates.append(RowUpdate(row, token, "", True, None, row.error))
+                continue
             row.logprob += float(logprobs[i])
             text = row.stops.push(row.decoder.push(token))
             if row.stops.stopped:
@@ -318,6 +325,21 @@ class DecodeEngine:
         if self.rows:
             self._run_model(tokens)
         return updates
+
+    @staticmethod
+    def _apply_processors(row: Row, x: np.ndarray, i: int) -> None:
+        """The row's own processors on its logits x[i]; a failure ends this row only (see Row.error)."""
+        original = x[i].copy()
+        for spec, process in zip(row.params.processors, row.logit_processors):
+            try:
+                x[i] = process(x[i], row.history)
+                if not np.isfinite(x[i]).any():
+                    raise InvalidParameterError(f"processor {spec}: no token is left to choose")
+            except Exception as exc:
+                row.error = exc if isinstance(exc, RnngenError) else RnngenError(
+                    f"processor {spec} failed: {type(exc).__name__}: {exc}")
+                x[i] = original  # any token will do: the row ends at this step
+                return
 
     def _details(self, tokens: np.ndarray) -> dict[int, dict]:
         """Per-token introspection for the rows that asked for it (the state is read back only if units are wanted)."""
@@ -407,10 +429,7 @@ class DecodeEngine:
                 if banned:
                     x[i, banned] = -np.inf
             for i, row in enumerate(rows) if sub_rp.uses_custom else ():
-                for spec, process in zip(row.params.processors, row.logit_processors):
-                    x[i] = process(x[i], row.history)
-                    if not np.isfinite(x[i]).any():
-                        raise InvalidParameterError(f"processor {spec}: no token is left to choose")
+                self._apply_processors(row, x, i)
         if sub_rp.all_greedy:
             chosen = x.argmax(axis=1)
         else:

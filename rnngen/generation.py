@@ -96,6 +96,8 @@ class Generation:
         details: list[list[dict]] = [[] for _ in range(n)]
         while len(engine):
             for update in engine.step():
+                if update.error is not None:
+                    raise update.error
                 if update.details is not None:
                     details[update.row.tag].append(update.details)
                 if update.text:

@@ -126,6 +126,9 @@ class Scheduler:
                     self._fail(engine, exc, delivery)
                     continue
                 for update in updates:
+                    if update.error is not None:  # this stream alone ends, with the reason
+                        delivery += [(update.row.tag, update.error), (update.row.tag, END)]
+                        continue
                     delivery.append((update.row.tag, update))
                     if update.finished:
                         delivery.append((update.row.tag, END))

@@ -181,6 +181,8 @@ def test_builtin_processors_in_the_engine(char_model_file):
         generate(model, "b", GenerationParams(max_new_tokens=5, processors=("ban:QQ",)))
     with pytest.raises(InvalidParameterError, match="not beam search"):
         GenerationParams(num_beams=2, processors=("ban:e",))
+    with pytest.raises(InvalidParameterError, match="processor ban:xyz: no token is left to choose"):
+        generate(model, "b", GenerationParams(max_new_tokens=5, processors=("only:xyz", "ban:xyz")))
 
 
 def test_model_names_resolve_through_the_name_source(char_model_file, tmp_path, monkeypatch):

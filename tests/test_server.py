@@ -405,3 +405,17 @@ def test_introspection_details_stream_with_the_text(start_server, char_model_fil
             with pytest.raises(grpc.RpcError) as info:
                 collect(client.generate("a", params=bad))
             assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and needle in info.value.details()
+
+
+def test_a_failing_processor_ends_its_own_stream_only(start_server):
+    server = start_server()
+    with client_for(server) as client:
+        long = client.generate("a", params=GenerationParams(max_new_tokens=400, seed=3))
+        first = next(long)
+        # Each processor is valid alone; together they leave no token, found only while decoding.
+        with pytest.raises(grpc.RpcError) as info:
+            collect(client.generate("a", params=GenerationParams(processors=("only:xyz", "ban:xyz"))))
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "processor ban:xyz: no token is left to choose" in info.value.details()
+        rest = list(long)
+    assert rest[-1].usage.completion_tokens == 400 and len(first.text + "".join(m.text for m in rest)) == 400
