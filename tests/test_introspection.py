@@ -71,7 +71,7 @@ def test_unit_search_finds_the_planted_quote_unit(tmp_path):
     column = analysis.recording.column(unit)
     inside = analysis.feature_values["inside_quotes"] > 0
     gap = abs(column[inside].mean() - column[~inside].mean())
-    assert gap > 2 * column.std() * 0.5
+    assert gap > column.std()
     # A text with no quotes leaves the feature absent rather than inventing a correlation
     no_quotes = analyse(model, "the cat sat on a mat\n" * 20)
     assert not next(f for f in no_quotes.features if f.name == "inside_quotes").present
