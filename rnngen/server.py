@@ -405,9 +405,11 @@ class RnngenServer:
         if self._stopped.is_set():
             return
         grace = self.config.grace_s if grace_s is None else grace_s
-        self._run(self.health.enter_graceful_shutdown())
+        # Refuse new streams before health says NOT_SERVING: a client that sees NOT_SERVING and
+        # calls at once must be refused, not accepted in the gap between the two.
         for m in self.models:
             m.scheduler.stop_accepting()
+        self._run(self.health.enter_graceful_shutdown())
         deadline = time.monotonic() + grace
         while time.monotonic() < deadline and self.service.in_flight:
             time.sleep(0.02)
