@@ -4,6 +4,7 @@ reported and skipped without breaking anything else."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -25,8 +26,10 @@ EXAMPLE = ROOT / "examples" / "plugin-example"
 def plugin_site(tmp_path_factory) -> Path:
     """`pip install` the example plugin into its own folder: importable only where PYTHONPATH names it."""
     target = tmp_path_factory.mktemp("site")
+    source = tmp_path_factory.mktemp("src") / "plugin-example"
+    shutil.copytree(EXAMPLE, source, ignore=shutil.ignore_patterns("build", "*.egg-info"))  # builds leave files behind
     subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-                    "--target", str(target), str(EXAMPLE)], check=True, capture_output=True)
+                    "--target", str(target), str(source)], check=True, capture_output=True)
     assert (target / "rnngen_example_plugin").is_dir()
     return target
 
