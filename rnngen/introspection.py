@@ -234,7 +234,7 @@ def analyse(model: RnnModel, text: str, extra_features: dict[str, tuple[Callable
     return Analysis(text, recording, char_index, results, values)
 
 
-def analysis_to_dict(analysis: Analysis, model: RnnModel, units: list[Unit] = (), per_token: bool = True) -> dict:
+def analysis_to_dict(analysis: Analysis, model: RnnModel, units: list[Unit] = ()) -> dict:
     rec = analysis.recording
     cfg = model.config
     out = {
@@ -248,10 +248,9 @@ def analysis_to_dict(analysis: Analysis, model: RnnModel, units: list[Unit] = ()
         "features": [{"name": f.name, "help": f.help, "source": f.source, "present": f.present,
                       "top": [{"unit": u.name, "r": round(r, 4)} for u, r in f.top]} for f in analysis.features],
         "best": [{"feature": name, "unit": u.name, "r": round(r, 4)} for name, u, r in analysis.best()],
+        "surprise_bits": [round(float(x), 3) for x in rec.surprise_bits],
+        "entropy_bits": [round(float(x), 3) for x in rec.entropy_bits],
     }
-    if per_token:
-        out["surprise_bits"] = [round(float(x), 3) for x in rec.surprise_bits]
-        out["entropy_bits"] = [round(float(x), 3) for x in rec.entropy_bits]
     if units:
         out["activations"] = {u.name: [round(float(x), 4) for x in rec.column(u)] for u in units}
     return out
@@ -276,12 +275,18 @@ def token_details(logits: np.ndarray, token: int, top: int, tokenizer, units: li
     order = np.argsort(-log_p)[:top] if top else []
     details = {
         "token_id": int(token),
-        "text": tokenizer.decode([int(token)]) if tokenizer.kind != "byte" else repr(bytes([int(token)]))[2:-1],
+        "text": _token_text(tokenizer, token),
         "logprob": round(float(log_p[token]), 5),
         "entropy": round(float(-(p * log_p).sum()), 5),  # nats
-        "top": [{"token_id": int(i), "text": tokenizer.decode([int(i)]) if tokenizer.kind != "byte"
-                 else repr(bytes([int(i)]))[2:-1], "prob": round(float(p[i]), 5)} for i in order],
+        "top": [{"token_id": int(i), "text": _token_text(tokenizer, i), "prob": round(float(p[i]), 5)} for i in order],
     }
     if units:
         details["units"] = {u.name: round(float(state[u.kind][u.layer, row, u.index]), 5) for u in units}
     return details
+
+
+def _token_text(tokenizer, token: int) -> str:
+    """A token on its own; a byte as an escape such as \\xe2 (alone it may be half a character)."""
+    if tokenizer.kind == "byte":
+        return repr(bytes([int(token)]))[2:-1]
+    return tokenizer.decode([int(token)])

@@ -12,10 +12,11 @@ register through the same hooks (`rnngen.builtin_plugin`), so a plugin's additio
 are first-class.
 
 Loading is lazy and fault-tolerant:
-- entry points are imported once, when something first asks the registry (the CLI
-  does so to list commands; generation only when a model names a plugin tokenizer,
-  a request names a processor, and so on). Keep a plugin module's imports light:
-  import heavy libraries inside the functions that need them.
+- entry points are imported once per process, when something first asks the
+  registry: the CLI at start-up (to list commands), otherwise the first model load
+  (its tokenizer is looked up here) or the first request naming a processor. Each
+  table (tokenizers, processors, ...) is filled on first use. Keep a plugin module's
+  imports light: import heavy libraries inside the functions that need them.
 - a plugin that fails to import or whose hook raises is reported (one line on
   stderr, and `rnngen plugins`) and skipped; everything else keeps working.
 - a name already taken (a command, tokenizer, ...) is reported and the later
@@ -137,18 +138,27 @@ class PluginRegistry:
         for ep in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
             dist = getattr(ep, "dist", None)
             source = f"{dist.name} {dist.version}" if dist is not None else ep.value
-            info = PluginInfo(ep.name, source)
-            if ep.name in self.plugins:
-                self._problem(info, f"the name {ep.name!r} is already taken by another plugin")
-                continue
-            self.plugins[ep.name] = info
             if ep.name in disabled:
-                info.status = "disabled"
+                self.plugins.setdefault(ep.name, PluginInfo(ep.name, source, status="disabled"))
                 continue
             try:
-                self._pm.register(ep.load(), name=ep.name)
+                plugin = ep.load()
             except Exception as exc:  # a broken plugin must never break rnngen
-                self._problem(info, f"import failed: {type(exc).__name__}: {exc}")
+                plugin = exc
+            self.add_plugin(plugin, ep.name, source)
+
+    def add_plugin(self, plugin: Any, name: str, source: str) -> None:
+        """Register a plugin object (a module or any object with hookimpls); an exception in
+        its place is a plugin that failed to load. Tables already built are not refilled."""
+        info = PluginInfo(name, source)
+        if name in self.plugins:
+            self._problem(info, f"the name {name!r} is already taken by another plugin")
+            return
+        self.plugins[name] = info
+        if isinstance(plugin, BaseException):
+            self._problem(info, f"import failed: {type(plugin).__name__}: {plugin}")
+            return
+        self._pm.register(plugin, name=name)
 
     def _problem(self, info: PluginInfo, message: str, failed: bool = True) -> None:
         """Record and report a problem once (the CLI may be built more than once in a process)."""
@@ -278,22 +288,23 @@ def tokenizer_type(kind: str) -> Registered:
     return table[kind]
 
 
-def build_processor(spec: str, tokenizer: Any) -> Callable:
-    """`NAME[:ARGUMENT]` -> a processor for this tokenizer (see HookSpecs.register_logits_processors)."""
-    name, _, argument = spec.partition(":")
+def _processor(name: str) -> Registered:
     table = registry().logits_processors()
     if name not in table:
         raise InvalidParameterError(f"processor: {name!r} is not one of {_names(table)}")
-    return table[name].value(argument, tokenizer)
+    return table[name]
+
+
+def build_processor(spec: str, tokenizer: Any) -> Callable:
+    """`NAME[:ARGUMENT]` -> a processor for this tokenizer (see HookSpecs.register_logits_processors)."""
+    name, _, argument = spec.partition(":")
+    return _processor(name).value(argument, tokenizer)
 
 
 def check_processor_names(specs: tuple[str, ...]) -> None:
-    if specs:
-        table = registry().logits_processors()
-        for spec in specs:
-            name = spec.partition(":")[0] if isinstance(spec, str) else spec
-            if name not in table:
-                raise InvalidParameterError(f"processor: {name!r} is not one of {_names(table)}")
+    """Each spec names a registered processor (its argument is checked when built for a model)."""
+    for spec in specs:
+        _processor(spec.partition(":")[0])
 
 
 def resolve_model(spec: str | os.PathLike) -> str:

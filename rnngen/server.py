@@ -168,8 +168,9 @@ class GeneratorService(pb_grpc.GeneratorServicer):
             served = self._served(request.model)
             params = params_from_pb(request.params)
             params.check_for_vocab(served.model.config.vocab_size)
-            params.build_processors(served.model.tokenizer)  # a bad argument fails here, not in the decode loop
-            state_units(params.units, served.model.config)
+            # Built here so that a bad argument or unit fails the request, not the decode loop.
+            processors = params.build_processors(served.model.tokenizer)
+            units = state_units(params.units, served.model.config)
             served.scheduler.reserve()
             try:
                 stream, logits, state = await self.loop.run_in_executor(
@@ -177,6 +178,7 @@ class GeneratorService(pb_grpc.GeneratorServicer):
             except BaseException:
                 served.scheduler.release()
                 raise
+            stream.row.logit_processors, stream.row.units = processors, units
             stream.ready = asyncio.Event()
             served.scheduler.enqueue(stream, logits, state)
             async for message in self._responses(served, stream, request, start):

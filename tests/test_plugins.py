@@ -14,7 +14,7 @@ import pytest
 
 from rnngen.errors import InvalidParameterError
 from rnngen.generation import generate
-from rnngen.plugins import PluginRegistry, registry, reset_registry, resolve_model
+from rnngen.plugins import PluginRegistry, hookimpl, registry, reset_registry, resolve_model
 from rnngen.runtime import RnnModel
 from rnngen.sampling import GenerationParams
 
@@ -177,9 +177,11 @@ def test_builtin_processors_in_the_engine(char_model_file):
     assert len(text) == 200 and not banned & set(text)
     only = generate(model, "b", GenerationParams(max_new_tokens=100, seed=4, processors=("only:xyz",))).sequences[0].text
     assert set(only) <= set("xyz") and len(only) == 100
-    # A processor row is batch-invariant like every other row: alone or among plain rows
-    engine_text = generate(model, "b", GenerationParams(max_new_tokens=50, seed=9, n=3, processors=("ban:e",)))
-    assert all("e" not in s.text for s in engine_text.sequences)
+    # A processor row is batch-invariant like every other row: sample 0 of three is the text made alone
+    batch = generate(model, "b", GenerationParams(max_new_tokens=50, seed=9, n=3, processors=("ban:e",)))
+    alone = generate(model, "b", GenerationParams(max_new_tokens=50, seed=9, processors=("ban:e",)))
+    assert all("e" not in s.text for s in batch.sequences)
+    assert batch.sequences[0].text == alone.sequences[0].text and batch.sequences[1].text != alone.sequences[0].text
     with pytest.raises(InvalidParameterError, match="none of 'QQ' is in the model's vocabulary"):
         generate(model, "b", GenerationParams(max_new_tokens=5, processors=("ban:QQ",)))
     with pytest.raises(InvalidParameterError, match="not beam search"):
@@ -197,9 +199,28 @@ def test_model_names_resolve_through_the_name_source(char_model_file, tmp_path, 
 
 
 def test_registry_reports_each_problem_once():
+    import typer
+
+    class Hijacker:
+        @hookimpl
+        def register_commands(self, app):
+            app.command(name="generate")(lambda: None)
+
+        @hookimpl
+        def register_tokenizers(self, register):
+            register("char", lambda data: None)
+
     lines = []
     reg = PluginRegistry(load_entry_points=False, report=lines.append)
-    assert set(reg.tokenizers()) == {"char", "byte", "word"}
-    assert reg.plugins["builtins"].status == "loaded" and lines == []
+    reg.add_plugin(Hijacker(), "hijacker", "test")
+    reg.add_plugin(ImportError("no module"), "absent", "test")
+    assert set(reg.tokenizers()) == {"char", "byte", "word"} and reg.tokenizers()["char"].plugin == "builtins"
+    for _ in range(2):  # the CLI can be built more than once in a process
+        app = typer.Typer()
+        reg.add_commands(app)
+        assert [c.name or c.callback.__name__ for c in app.registered_commands].count("generate") == 1
+    assert reg.plugins["absent"].status == "failed" and reg.plugins["hijacker"].status == "loaded"
+    assert len(lines) == 3, lines  # the import failure, the tokenizer and the command, once each
+    assert sum("command 'generate'" in line for line in lines) == 1
     reset_registry()
     assert registry() is registry()
