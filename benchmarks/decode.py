@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 def make_weights(cell: str, layers: int, hidden: int, vocab: int, seed: int = 0) -> tuple:
     import torch
 
-    from rnngen.config import ModelConfig
+    from rnngen.model.config import ModelConfig
     from rnngen.training.model import RNNLanguageModel
 
     torch.manual_seed(seed)
@@ -44,9 +44,9 @@ def make_weights(cell: str, layers: int, hidden: int, vocab: int, seed: int = 0)
 
 
 def write_rnngen_model(path: Path, config, weights) -> None:
-    from rnngen.modelfile import make_metadata
-    from rnngen.onnx_graph import build_model
-    from rnngen.tokenizers import CharTokenizer
+    from rnngen.model.file import make_metadata
+    from rnngen.model.loop_graph import build_model
+    from rnngen.model.tokenizers import CharTokenizer
 
     symbols = [chr(32 + i) for i in range(config.vocab_size)]
     path.write_bytes(build_model(config, weights, make_metadata(config, CharTokenizer(symbols), {})).SerializeToString())
@@ -101,14 +101,14 @@ def interleave(contenders: dict, rounds: int) -> dict:
 
 
 def bench_model(label: str, path: Path, config, weights, device: str, batches: list[int], quick: bool) -> list[str]:
-    from rnngen.engine import DecodeEngine, Row, row_generator
-    from rnngen.runtime import RnnModel
-    from rnngen.sampling import GenerationParams
+    from rnngen.decoding.engine import DecodeEngine, Row, row_generator
+    from rnngen.model.runtime import RnnModel
+    from rnngen.decoding.params import GenerationParams
 
     import onnx
     import onnxruntime as ort
 
-    from rnngen.step_graph import derive_step_model
+    from rnngen.model.step_graph import derive_step_model
 
     model = RnnModel.load(path, device=device)
     lines = []
@@ -206,7 +206,7 @@ def torch_worker(config_json: str, weights_path: str, block: int, rounds: int, d
     """A char-rnn-style PyTorch loop: model(token, hidden), softmax, torch.multinomial, per token."""
     import torch
 
-    from rnngen.config import ModelConfig
+    from rnngen.model.config import ModelConfig
     from rnngen.training.model import RNNLanguageModel
 
     config = ModelConfig.from_dict(json.loads(config_json))
@@ -246,7 +246,7 @@ def main() -> None:
         torch_worker(c, w, int(block), int(rounds), device)
         return
 
-    from rnngen.modelfile import read_model_file
+    from rnngen.model.file import read_model_file
 
     shipped = read_model_file(args.model).config
     batches = [int(b) for b in args.batches.split(",")]

@@ -80,9 +80,9 @@ def pct(values, q):
 
 def engine_batch(model_path: str, device: str, batch: int, tokens: int) -> tuple[float, float]:
     """The engine alone, in-process: aggregate tokens/s and median step time at this batch size."""
-    from rnngen.engine import DecodeEngine, Row, row_generator
-    from rnngen.runtime import RnnModel
-    from rnngen.sampling import GenerationParams
+    from rnngen.decoding.engine import DecodeEngine, Row, row_generator
+    from rnngen.model.runtime import RnnModel
+    from rnngen.decoding.params import GenerationParams
 
     model = RnnModel.load(model_path, device=device)
     params = GenerationParams(max_new_tokens=tokens, seed=0)

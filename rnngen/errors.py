@@ -1,7 +1,8 @@
-"""The typed errors users see.
+"""The typed errors users see: all of rnngen's error types live here.
 
 Every error a user can cause derives from `RnngenError`; the CLI prints its
-message as one line and exits non-zero, never with a traceback.
+message as one line and exits non-zero, never with a traceback; the server maps
+each to a gRPC status code (rnngen.serving.protocol.STATUS_OF).
 """
 
 
@@ -43,3 +44,23 @@ class TrainingDivergedError(RnngenError):
 
 class ExportCheckError(RnngenError):
     """The exported graph does not compute what the PyTorch model computes."""
+
+
+class ModelNotFoundError(RnngenError):
+    """No served model has the requested name (NOT_FOUND)."""
+
+
+class OverloadedError(RnngenError):
+    """No room for another stream right now (RESOURCE_EXHAUSTED)."""
+
+
+class ShuttingDownError(RnngenError):
+    """The server is draining and takes no new streams (UNAVAILABLE)."""
+
+
+class SessionTokenError(RnngenError):
+    """A session token that cannot be used: malformed, tampered, foreign or for another model."""
+
+
+class SessionExpiredError(SessionTokenError):
+    """A correctly signed session token whose lifetime is over."""

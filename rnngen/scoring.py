@@ -18,7 +18,8 @@ import numpy as np
 
 from rnngen.corpus import check_text_file
 from rnngen.errors import DataError
-from rnngen.runtime import RnnModel
+from rnngen.decoding.logits import log_softmax
+from rnngen.model.runtime import RnnModel
 
 READ_CHARS = 1 << 20  # characters read per piece of the file
 SEGMENT_TOKENS = 1024  # tokens per model call
@@ -106,7 +107,5 @@ def score_file(model: RnnModel, path: str | os.PathLike, on_unknown: str = "erro
 
 def _nll(logits: np.ndarray, targets: np.ndarray) -> float:
     """Summed -log softmax(logits)[target] over rows, computed stably in float64."""
-    x = logits.astype(np.float64)
-    m = x.max(axis=1, keepdims=True)
-    lse = m[:, 0] + np.log(np.exp(x - m).sum(axis=1))
-    return float((lse - x[np.arange(len(targets)), targets]).sum())
+    log_p = log_softmax(logits.astype(np.float64))
+    return float(-log_p[np.arange(len(targets)), targets].sum())

@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rnngen.config import ModelConfig
-from rnngen.modelfile import make_metadata
-from rnngen.onnx_graph import build_model, expected_weight_shapes
-from rnngen.tokenizers import ByteTokenizer, CharTokenizer
+from rnngen.model.config import ModelConfig
+from rnngen.model.file import make_metadata
+from rnngen.model.loop_graph import build_model, expected_weight_shapes
+from rnngen.model.tokenizers import ByteTokenizer, CharTokenizer
 
 # Keep test processes from fighting over the two cores.
 os.environ.setdefault("OMP_NUM_THREADS", "1")

@@ -5,12 +5,13 @@ import itertools
 import numpy as np
 import pytest
 
-from rnngen.beam import BeamSearch, stop_safe_length
-from rnngen.config import ModelConfig
-from rnngen.generation import Generation, generate
-from rnngen.runtime import RnnModel
-from rnngen.sampling import GenerationParams
-from rnngen.tokenizers import CharTokenizer
+from rnngen.decoding.beam import BeamSearch
+from rnngen.decoding.stops import stop_safe_length
+from rnngen.model.config import ModelConfig
+from rnngen.decoding.generation import Generation, generate
+from rnngen.model.runtime import RnnModel
+from rnngen.decoding.params import GenerationParams
+from rnngen.model.tokenizers import CharTokenizer
 
 from conftest import write_model
 

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from rnngen import __version__
 from rnngen.cli import create_app
-from rnngen.runtime import cuda_unusable_reason
+from rnngen.model.devices import cuda_unusable_reason
 
 runner = CliRunner()
 app = create_app()

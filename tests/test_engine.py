@@ -3,11 +3,11 @@
 import numpy as np
 import pytest
 
-from rnngen.engine import BatchState, DecodeEngine, Row, row_generator
-from rnngen.generation import generate
-from rnngen.processors import RowParams, apply_penalties, banned_by_ngrams, draw, filtered_probs
-from rnngen.runtime import RnnModel
-from rnngen.sampling import GenerationParams
+from rnngen.decoding.engine import BatchState, DecodeEngine, Row, row_generator
+from rnngen.decoding.generation import generate
+from rnngen.decoding.logits import RowParams, apply_penalties, banned_by_ngrams, draw, filtered_probs
+from rnngen.model.runtime import RnnModel
+from rnngen.decoding.params import GenerationParams
 
 
 def rp(**kw):
@@ -189,7 +189,7 @@ def test_iobinding_path_keeps_state_on_device_and_decodes_the_same(rnn):
 
 
 def test_bound_stepper_matches_plain_steps_and_reads_state_back(rnn):
-    from rnngen.runtime import BoundStepper
+    from rnngen.model.runtime import BoundStepper
 
     stepper = BoundStepper(rnn, device_type="cpu")
     state = {k: np.random.default_rng(0).normal(0, 0.3, v.shape).astype(np.float32) for k, v in rnn.initial_state(3).items()}
@@ -214,7 +214,7 @@ def test_in_graph_sampling_matches_the_numpy_rule(rnn):
     tokens = gen.integers(0, rnn.config.vocab_size, batch)
     temperature = gen.choice([0.0, 0.5, 1.0, 1.7], batch).astype(np.float32)
     uniform = gen.random(batch).astype(np.float32)
-    from rnngen.runtime import sampling_feeds
+    from rnngen.model.runtime import sampling_feeds
 
     logits, next_tokens, log_z, _ = rnn.step_sample(tokens, state, sampling_feeds(batch, temperature, uniform))
     for b in range(batch):
@@ -244,7 +244,7 @@ def test_a_long_stream_keeps_constant_memory(rnn):
     """Tokens are counted, not listed; history is a window; a streaming row does not collect text."""
     import tracemalloc
 
-    from rnngen.engine import HISTORY_WINDOW
+    from rnngen.decoding.engine import HISTORY_WINDOW
 
     params = GenerationParams(max_new_tokens=10**6, seed=1, repetition_penalty=1.1, presence_penalty=0.2)
     engine = DecodeEngine(rnn)

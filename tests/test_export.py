@@ -8,12 +8,12 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from rnngen.config import ModelConfig  # noqa: E402
+from rnngen.model.config import ModelConfig  # noqa: E402
 from rnngen.errors import OverwriteRefusedError  # noqa: E402
-from rnngen.modelfile import make_metadata, read_model_file  # noqa: E402
-from rnngen.onnx_graph import build_model  # noqa: E402
-from rnngen.runtime import RnnModel  # noqa: E402
-from rnngen.tokenizers import CharTokenizer  # noqa: E402
+from rnngen.model.file import make_metadata, read_model_file  # noqa: E402
+from rnngen.model.loop_graph import build_model  # noqa: E402
+from rnngen.model.runtime import RnnModel  # noqa: E402
+from rnngen.model.tokenizers import CharTokenizer  # noqa: E402
 from rnngen.training.export import export_checkpoint, parity  # noqa: E402
 from rnngen.training.model import RNNLanguageModel  # noqa: E402
 from rnngen.training.trainer import TrainConfig, Trainer  # noqa: E402

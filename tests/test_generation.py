@@ -3,11 +3,11 @@
 import numpy as np
 import pytest
 
-from rnngen.engine import StopStringFilter
+from rnngen.decoding.stops import StopStringFilter
 from rnngen.errors import InvalidParameterError, TokenizerError
-from rnngen.generation import Generation, generate, stream_text
-from rnngen.runtime import RnnModel
-from rnngen.sampling import GenerationParams
+from rnngen.decoding.generation import Generation, generate, stream_text
+from rnngen.model.runtime import RnnModel
+from rnngen.decoding.params import GenerationParams
 
 
 @pytest.fixture

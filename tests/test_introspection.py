@@ -12,14 +12,15 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from rnngen import features as F
+from rnngen.inspect import features as F
 from rnngen.cli import create_app
-from rnngen.config import ModelConfig
+from rnngen.model.config import ModelConfig
 from rnngen.errors import InvalidParameterError
-from rnngen.generation import generate
-from rnngen.introspection import ActivationRecorder, analyse, correlations, parse_unit, token_char_index
-from rnngen.runtime import RnnModel
-from rnngen.sampling import GenerationParams
+from rnngen.decoding.generation import generate
+from rnngen.inspect.recording import ActivationRecorder, analyse, correlations, token_char_index
+from rnngen.model.units import parse_unit
+from rnngen.model.runtime import RnnModel
+from rnngen.decoding.params import GenerationParams
 
 app = create_app()
 QUOTE_UNIT_THRESHOLD = 0.7  # |r| the unit search must reach on the planted quote feature (measured: 0.88)

@@ -5,7 +5,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from rnngen.config import ModelConfig  # noqa: E402
+from rnngen.model.config import ModelConfig  # noqa: E402
 from rnngen.errors import InvalidParameterError  # noqa: E402
 from rnngen.training.model import RNNLanguageModel, gru_cell, lstm_cell, rnn_cell  # noqa: E402
 

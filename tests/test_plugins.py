@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 
 from rnngen.errors import InvalidParameterError
-from rnngen.generation import generate
+from rnngen.decoding.generation import generate
 from rnngen.plugins import PluginRegistry, hookimpl, registry, reset_registry, resolve_model
-from rnngen.runtime import RnnModel
-from rnngen.sampling import GenerationParams
+from rnngen.model.runtime import RnnModel
+from rnngen.decoding.params import GenerationParams
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "plugin-example"
@@ -75,7 +75,9 @@ def test_plugins_lists_builtins_and_the_installed_plugin(plugin_site):
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout)
     plugins = {p["name"]: p for p in data["plugins"]}
-    assert plugins["builtins"]["provides"]["command"][:3] == ["train", "export", "generate"]
+    # rnngen's commands belong to the CLI itself, not to the built-ins plugin
+    assert "command" not in plugins["builtins"]["provides"]
+    assert plugins["builtins"]["provides"]["tokenizer"] == ["char", "byte", "word"]
     example = plugins["example"]
     assert example["status"] == "loaded" and example["source"] == "rnngen-example-plugin 0.1.0"
     assert example["provides"] == {"command": ["vocab"], "logits processor": ["vowel-bias"],
@@ -153,7 +155,7 @@ def test_broken_plugins_are_reported_and_skipped(broken_site, plugin_site, char_
     assert plugins["raising"]["status"] == "failed"
     assert any("boom in the hook" in e for e in plugins["raising"]["errors"])
     assert any("boom in commands" in e for e in plugins["raising"]["errors"])
-    assert any("command 'generate' is already provided by builtins" in e for e in plugins["greedy"]["errors"])
+    assert any("command 'generate' is already provided by rnngen" in e for e in plugins["greedy"]["errors"])
     assert any("tokenizer 'char' is already provided by builtins" in e for e in plugins["greedy"]["errors"])
     assert plugins["example"]["status"] == "loaded"  # the good plugin beside them still works
     assert "plugin 'missing'" in result.stderr and "skipped" in result.stderr
@@ -217,6 +219,7 @@ def test_registry_reports_each_problem_once():
     assert set(reg.tokenizers()) == {"char", "byte", "word"} and reg.tokenizers()["char"].plugin == "builtins"
     for _ in range(2):  # the CLI can be built more than once in a process
         app = typer.Typer()
+        app.command(name="generate")(lambda: None)  # the CLI adds its own commands first
         reg.add_commands(app)
         assert [c.name or c.callback.__name__ for c in app.registered_commands].count("generate") == 1
     assert reg.plugins["absent"].status == "failed" and reg.plugins["hijacker"].status == "loaded"

@@ -7,11 +7,12 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from rnngen.config import ModelConfig
+from rnngen.model.config import ModelConfig
 from rnngen.errors import DeviceError, InvalidParameterError, ModelFormatError
-from rnngen.modelfile import FORMAT_VERSION, read_model_file
-from rnngen.runtime import RnnModel, cuda_unusable_reason, select_providers
-from rnngen.tokenizers import CharTokenizer
+from rnngen.model.file import FORMAT_VERSION, read_model_file
+from rnngen.model.runtime import RnnModel
+from rnngen.model.devices import cuda_unusable_reason, select_providers
+from rnngen.model.tokenizers import CharTokenizer
 
 from conftest import write_model
 
@@ -161,10 +162,10 @@ def test_device_selection():
 def test_auto_falls_back_quietly_when_cuda_libraries_are_missing(monkeypatch, capfd):
     import onnxruntime as ort
 
-    import rnngen.runtime as runtime
+    import rnngen.model.devices as devices
 
     monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
-    monkeypatch.setattr(runtime, "_CUDART", ("libcudart-not-here.so.13",))
+    monkeypatch.setattr(devices, "_CUDART", ("libcudart-not-here.so.13",))
     monkeypatch.setattr(ort, "preload_dlls", lambda *a, **k: None, raising=False)
     assert "CUDA runtime library" in cuda_unusable_reason()
     assert select_providers("auto") == ["CPUExecutionProvider"]

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rnngen.client import RnngenClient
-from rnngen.metrics import ServerMetrics
-from rnngen.sampling import GenerationParams
+from rnngen.serving.client import RnngenClient
+from rnngen.serving.metrics import ServerMetrics
+from rnngen.decoding.params import GenerationParams
 
 ROOT = Path(__file__).resolve().parent.parent
 MANIFESTS = sorted((ROOT / "deploy" / "k8s").glob("*.yaml"))

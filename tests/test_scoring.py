@@ -7,7 +7,7 @@ import pytest
 
 import rnngen.scoring as scoring
 from rnngen.errors import DataError, TokenizerError
-from rnngen.runtime import RnnModel
+from rnngen.model.runtime import RnnModel
 from rnngen.scoring import score_file
 
 

@@ -13,11 +13,11 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from rnngen.client import RnngenClient
-from rnngen.generation import generate
-from rnngen.runtime import RnnModel
-from rnngen.sampling import GenerationParams
-from rnngen.server import RnngenServer, ServerConfig
+from rnngen.serving.client import RnngenClient
+from rnngen.decoding.generation import generate
+from rnngen.model.runtime import RnnModel
+from rnngen.decoding.params import GenerationParams
+from rnngen.serving.server import RnngenServer, ServerConfig
 from rnngen.v1 import rnngen_pb2 as pb
 from rnngen.v1 import rnngen_pb2_grpc as pb_grpc
 

@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from rnngen.generation import generate
-from rnngen.runtime import RnnModel
-from rnngen.sampling import GenerationParams
+from rnngen.decoding.generation import generate
+from rnngen.model.runtime import RnnModel
+from rnngen.decoding.params import GenerationParams
 
 EXPORTED = Path(__file__).resolve().parent.parent / "exported"
 

@@ -1,9 +1,7 @@
 import pytest
 
 from rnngen.errors import InvalidParameterError, TokenizerError
-from rnngen.tokenizers import (
-    ByteTokenizer, CharTokenizer, WordTokenizer, build_tokenizer, tokenizer_from_dict,
-)
+from rnngen.model.tokenizers import ByteTokenizer, CharTokenizer, WordTokenizer, build_tokenizer, tokenizer_from_dict
 
 UNICODE_TEXT = "naïve café — 東京 🙂 ĉu\n"
 

@@ -22,9 +22,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from rnngen.config import ModelConfig
+from rnngen.model.config import ModelConfig
 from rnngen.errors import CheckpointError
-from rnngen.tokenizers import Tokenizer, tokenizer_from_dict
+from rnngen.model.tokenizers import Tokenizer, TokenizerKinds, tokenizer_from_dict
 
 CHECKPOINT_FORMAT = "rnngen-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -34,6 +34,7 @@ CHECKPOINT_VERSION = 1
 class Checkpoint:
     meta: dict  # the JSON part
     tensors: dict[str, torch.Tensor]  # the safetensors part
+    tokenizer_kinds: TokenizerKinds | None = None  # kinds its tokenizer may be (None: the built-ins)
 
     @property
     def config(self) -> ModelConfig:
@@ -41,7 +42,7 @@ class Checkpoint:
 
     @property
     def tokenizer(self) -> Tokenizer:
-        return tokenizer_from_dict(self.meta["tokenizer"])
+        return tokenizer_from_dict(self.meta["tokenizer"], self.tokenizer_kinds)
 
     def model_state(self) -> dict[str, torch.Tensor]:
         return {k[len("model.") :]: v for k, v in self.tensors.items() if k.startswith("model.")}
@@ -80,7 +81,7 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     return path
 
 
-def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
+def load_checkpoint(path: str | os.PathLike, tokenizers: TokenizerKinds | None = None) -> Checkpoint:
     info = resolve_checkpoint(path)
     try:
         meta = json.loads(info.read_text())
@@ -97,7 +98,7 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
         tensors = load_file(str(weights))
     except (SafetensorError, OSError) as exc:
         raise CheckpointError(f"cannot read checkpoint weights {weights}: {exc}") from None
-    return Checkpoint(meta, tensors)
+    return Checkpoint(meta, tensors, tokenizers)
 
 
 def restore_optimizer(optimizer, checkpoint: Checkpoint) -> None:

@@ -17,8 +17,9 @@ import onnx
 import torch
 
 from rnngen.errors import CheckpointError, ExportCheckError, OverwriteRefusedError
-from rnngen.modelfile import make_metadata
-from rnngen.onnx_graph import LOGITS, TOKENS, build_model, state_output_name
+from rnngen.model.file import make_metadata
+from rnngen.model.tokenizers import TokenizerKinds
+from rnngen.model.loop_graph import LOGITS, TOKENS, build_model, state_output_name
 from rnngen.training.checkpoint import load_checkpoint
 from rnngen.training.model import RNNLanguageModel
 
@@ -77,13 +78,14 @@ def training_summary(meta: dict) -> dict:
     }
 
 
-def export_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike, force: bool = False) -> ExportReport:
+def export_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike, force: bool = False,
+                      tokenizers: TokenizerKinds | None = None) -> ExportReport:
     out = Path(output)
     if out.exists() and not force:
         raise OverwriteRefusedError(f"{out} already exists; use --force to replace it")
     if out.exists() and out.is_dir():
         raise OverwriteRefusedError(f"{out} is a directory; give a file name such as model.onnx")
-    ckpt = load_checkpoint(checkpoint)
+    ckpt = load_checkpoint(checkpoint, tokenizers)
     config, tokenizer = ckpt.config, ckpt.tokenizer
     model = RNNLanguageModel(config)
     try:

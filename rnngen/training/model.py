@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from rnngen.config import ModelConfig
+from rnngen.model.config import ModelConfig
 
 Tensor = torch.Tensor
 

@@ -26,10 +26,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from rnngen.config import ModelConfig
+from rnngen.model.config import ModelConfig
 from rnngen.corpus import read_corpus, split_train_val
 from rnngen.errors import CheckpointError, DataError, InvalidParameterError, OverwriteRefusedError, TrainingDivergedError
-from rnngen.tokenizers import build_tokenizer
+from rnngen.model.tokenizers import TokenizerKinds, build_tokenizer, check_tokenizer_kind
 from rnngen.training.checkpoint import load_checkpoint, restore_optimizer, save_checkpoint
 
 RUN_FILES = ("last.json", "last.safetensors", "best.json", "best.safetensors", "loss.png")
@@ -56,9 +56,8 @@ class TrainConfig:
     threads: int = 0  # torch CPU threads; 0 keeps torch's default
 
     def __post_init__(self) -> None:
-        from rnngen.plugins import tokenizer_type
-
-        tokenizer_type(self.tokenizer)  # raises, naming the known kinds
+        if not isinstance(self.tokenizer, str) or not self.tokenizer:
+            raise InvalidParameterError(f"tokenizer: {self.tokenizer!r} is not a tokenizer kind")
         for name, lo, hi in (
             ("max_vocab", 3, 10_000_000), ("seq_len", 1, 100_000), ("batch_size", 1, 1_000_000),
             ("warmup_steps", 0, 10**9), ("steps", 1, 10**9), ("eval_every", 1, 10**9),
@@ -121,7 +120,9 @@ class EvalReport:
 class Trainer:
     def __init__(self, model_cfg: ModelConfig, train_cfg: TrainConfig, resume_from: Path | None = None,
                  force: bool = False, on_step: Callable[[StepReport], None] | None = None,
-                 on_eval: Callable[[EvalReport], None] | None = None, epochs: float | None = None):
+                 on_eval: Callable[[EvalReport], None] | None = None, epochs: float | None = None,
+                 tokenizers: TokenizerKinds | None = None):
+        """`tokenizers`: the kinds --tokenizer may name (None: the built-ins; the CLI passes the plugins' too)."""
         self.cfg = train_cfg
         self.on_step = on_step or (lambda r: None)
         self.on_eval = on_eval or (lambda r: None)
@@ -130,13 +131,14 @@ class Trainer:
         if train_cfg.threads:
             torch.set_num_threads(train_cfg.threads)
 
+        check_tokenizer_kind(train_cfg.tokenizer, tokenizers)  # before reading a large corpus
         text = read_corpus(train_cfg.data)
-        checkpoint = load_checkpoint(resume_from) if resume_from else None
+        checkpoint = load_checkpoint(resume_from, tokenizers) if resume_from else None
         if checkpoint is not None:
             self.tokenizer = checkpoint.tokenizer
             model_cfg = checkpoint.config
         else:
-            self.tokenizer = build_tokenizer(train_cfg.tokenizer, text, train_cfg.max_vocab)
+            self.tokenizer = build_tokenizer(train_cfg.tokenizer, text, train_cfg.max_vocab, tokenizers)
             model_cfg = dataclasses.replace(model_cfg, vocab_size=self.tokenizer.vocab_size)
         ids = np.asarray(self.tokenizer.encode(text, on_unknown="replace" if checkpoint else "error"), dtype=np.int64)
         train_ids, val_ids = split_train_val(ids, train_cfg.val_fraction)

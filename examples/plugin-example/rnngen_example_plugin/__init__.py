@@ -21,7 +21,7 @@ def register_commands(app):
 
     def vocab(model: str = typer.Argument(..., help="An rnngen model.")) -> None:
         """Print the model's vocabulary, one symbol per line (escaped)."""
-        from rnngen.modelfile import read_model_file
+        from rnngen.model.file import read_model_file
         from rnngen.plugins import resolve_model
 
         tokenizer = read_model_file(resolve_model(model)).tokenizer
@@ -54,7 +54,7 @@ def _vowel_bias(argument, tokenizer):
 
 @hookimpl
 def register_tokenizers(register):
-    from rnngen.tokenizers import CharTokenizer, symbols_of
+    from rnngen.model.tokenizers import CharTokenizer, symbols_of
 
     class LowercaseCharTokenizer(CharTokenizer):
         kind = "lowercase-char"

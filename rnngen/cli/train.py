@@ -1,0 +1,68 @@
+"""`rnngen train` and `rnngen export` (torch is imported inside them, never at start-up)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from rnngen.cli.console import user_errors
+
+def train(
+    data: Path = typer.Argument(..., help="UTF-8 text file to train on."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory for checkpoints and the loss curve [default: runs/CELL]."),
+    cell: str = typer.Option("lstm", help="Recurrent cell: rnn, lstm or gru."),
+    layers: int = typer.Option(2, help="Number of stacked recurrent layers."),
+    hidden: int = typer.Option(512, help="Hidden units per layer."),
+    embedding: int = typer.Option(0, help="Embedding size; 0 means equal to --hidden (weights tied)."),
+    tokenizer: str = typer.Option("char", help="Tokenizer: char, byte or word."),
+    max_vocab: int = typer.Option(10_000, help="Word tokenizer: keep this many most frequent words."),
+    seq_len: int = typer.Option(128, help="Truncated BPTT length in tokens."),
+    batch_size: int = typer.Option(32, help="Parallel streams per step."),
+    lr: float = typer.Option(2e-3, help="Peak learning rate (AdamW)."),
+    warmup: int = typer.Option(100, help="Linear warm-up steps."),
+    weight_decay: float = typer.Option(0.01, help="AdamW weight decay on weight matrices."),
+    dropout: float = typer.Option(0.2, help="Dropout on embedding, between layers and before the decoder."),
+    grad_clip: float = typer.Option(1.0, help="Clip the gradient norm to this (0 disables)."),
+    steps: Optional[int] = typer.Option(None, help="Optimizer steps [default: 5000]."),
+    epochs: Optional[float] = typer.Option(None, help="Train this many passes over the data instead of --steps."),
+    val_fraction: float = typer.Option(0.1, help="Share of the corpus, from its end, held out for validation."),
+    eval_every: int = typer.Option(250, help="Steps between validation, samples and checkpoints."),
+    sample_tokens: int = typer.Option(200, help="Length of the sample shown at each evaluation (0: none)."),
+    seed: int = typer.Option(1337, help="Random seed (weights, dropout, samples)."),
+    threads: int = typer.Option(0, help="CPU threads for torch (0: torch's default)."),
+    no_tie: bool = typer.Option(False, "--no-tie", help="Do not share the embedding with the decoder."),
+    resume: Optional[Path] = typer.Option(None, help="Continue the run in this directory from its last checkpoint."),
+    force: bool = typer.Option(False, "--force", help="Start over in a non-empty run directory (replaces its checkpoints)."),
+) -> None:
+    options = dict(locals())
+    with user_errors():
+        from rnngen.cli.train_progress import run_training
+        from rnngen.plugins import tokenizer_kinds
+
+        run_training(**options, tokenizers=tokenizer_kinds())
+
+
+
+
+
+def export(
+    checkpoint: Path = typer.Argument(..., help="Run directory (uses best, else last) or a checkpoint .json file."),
+    output: Path = typer.Option(..., "--output", "-o", help="The .onnx file to write."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing output file."),
+) -> None:
+    with user_errors():
+        from rnngen.plugins import tokenizer_kinds
+        from rnngen.training.export import export_checkpoint
+
+        report = export_checkpoint(checkpoint, output, force=force, tokenizers=tokenizer_kinds())
+        shapes = ", ".join(f"{b}x{t}" for b, t in report.shapes)
+        console = Console(highlight=False)
+        console.print("onnx.checker: passed")
+        console.print(
+            f"parity onnxruntime vs PyTorch (batch x time {shapes}): "
+            f"max |diff| logits {report.max_logit_diff:.2e}, state {report.max_state_diff:.2e}"
+        )
+        console.print(f"wrote {report.path} ({report.bytes / 1e6:.2f} MB, {report.parameters:,} parameters)")

@@ -1,0 +1,135 @@
+"""The loop-free step graph, derived from a model's own Loop graph.
+
+Decoding calls the model with time = 1 once per token. Through the Loop graph
+that costs a Loop per layer (onnxruntime sets up a subgraph frame each time);
+the step graph is the same model with every Loop replaced by one inlined copy
+of its body, so a step is a plain graph of a few matrix products.
+
+Derived, not stored: any rnngen model file gets it, and it is built from the
+file's own nodes and weights, so it computes exactly what the Loop graph
+computes for one time step (tests hold the two to each other).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+STEP_ITER = "step__iteration"  # the one iteration's number: 0
+STEP_COND = "step__condition"
+
+
+def derive_step_model(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of `model` for time = 1: every top-level Loop inlined as a single iteration."""
+    graph = model.graph
+    nodes: list[onnx.NodeProto] = []
+    for node in graph.node:
+        if node.op_type == "Loop":
+            nodes.extend(_inline_one_iteration(node))
+        else:
+            nodes.append(node)
+    initializers = list(graph.initializer) + [
+        numpy_helper.from_array(np.array(0, dtype=np.int64), STEP_ITER),
+        numpy_helper.from_array(np.array(True), STEP_COND),
+    ]
+    nodes = _live_nodes(nodes, [o.name for o in graph.output])
+    used = {name for n in nodes for name in n.input}
+    initializers = [t for t in initializers if t.name in used]
+    step_graph = helper.make_graph(nodes, graph.name + "_step", list(graph.input), list(graph.output), initializers)
+    step = helper.make_model(step_graph, opset_imports=list(model.opset_import), producer_name=model.producer_name)
+    step.ir_version = model.ir_version
+    return step
+
+
+def _inline_one_iteration(loop: onnx.NodeProto) -> list[onnx.NodeProto]:
+    body = next(a.g for a in loop.attribute if a.name == "body")
+    carried = len(loop.input) - 2
+    prefix = loop.name + "/"
+    rename = {body.input[0].name: STEP_ITER, body.input[1].name: STEP_COND}
+    for inner, outer in zip(body.input[2:], loop.input[2:]):
+        rename[inner.name] = outer  # loop-carried values start from the Loop's initial inputs
+    for inner_node in body.node:
+        for out in inner_node.output:
+            rename[out] = prefix + out  # values made inside the body get names of their own
+    out_nodes = []
+    for inner_node in body.node:
+        copy = onnx.NodeProto()
+        copy.CopyFrom(inner_node)
+        copy.name = prefix + inner_node.name
+        copy.ClearField("input")
+        copy.input.extend(rename.get(name, name) for name in inner_node.input)  # others: outer scope
+        copy.ClearField("output")
+        copy.output.extend(rename[name] for name in inner_node.output)
+        out_nodes.append(copy)
+    body_outputs = [rename.get(o.name, o.name) for o in body.output]
+    for final, value in zip(loop.output[:carried], body_outputs[1 : 1 + carried]):
+        out_nodes.append(helper.make_node("Identity", [value], [final], name=prefix + "final_" + final))
+    axis = prefix + "scan_axis"
+    scans = list(zip(loop.output[carried:], body_outputs[1 + carried :]))
+    if scans:  # scan outputs of one iteration: stacked along a new time axis of length 1
+        out_nodes.append(helper.make_node("Constant", [], [axis], name=axis, value=numpy_helper.from_array(np.array([0], np.int64))))
+    for stacked, value in scans:
+        out_nodes.append(helper.make_node("Unsqueeze", [value, axis], [stacked], name=prefix + "scan_" + stacked))
+    return out_nodes
+
+
+def _live_nodes(nodes: list[onnx.NodeProto], outputs: list[str]) -> list[onnx.NodeProto]:
+    """Nodes that the graph outputs depend on, in their original (topological) order."""
+    producer = {out: i for i, n in enumerate(nodes) for out in n.output}
+    needed, stack = set(), list(outputs)
+    while stack:
+        name = stack.pop()
+        i = producer.get(name)
+        if i is None or i in needed:
+            continue
+        needed.add(i)
+        stack.extend(nodes[i].input)
+    return [n for i, n in enumerate(nodes) if i in needed]
+
+
+SAMPLE_INV_TEMPERATURE = "inv_temperature"  # (B, 1) float32: 1 / temperature (1 for greedy rows)
+SAMPLE_GREEDY = "greedy"  # (B,) bool: rows that take the argmax
+SAMPLE_UNIFORM = "uniform"  # (B, 1) float32 in [0, 1): the row's random draw for its next token
+NEXT_TOKEN = "next_token"  # (B,) int64
+LOG_Z = "log_z"  # (B,) float32: log of the softmax denominator of the logits (for log-probabilities)
+
+
+def add_sampling_head(step: onnx.ModelProto, vocab_size: int, logits_name: str = "logits") -> onnx.ModelProto:
+    """The step graph plus temperature sampling of the next token, inside the graph.
+
+    next_token = argmax(logits) for greedy rows, else the inverse-CDF draw of
+    softmax(logits / temperature) at `uniform` (the count of CDF entries <= uniform
+    * total: the same rule as the engine's numpy sampler). Rows that need other
+    processors (top-k, top-p, penalties, ...) ignore next_token and use the logits.
+    On a GPU this keeps sampling on the device: only token ids need to come back.
+    """
+    model = onnx.ModelProto()
+    model.CopyFrom(step)
+    g = model.graph
+    f32 = onnx.TensorProto.FLOAT
+    g.input.extend([helper.make_tensor_value_info(SAMPLE_INV_TEMPERATURE, f32, ["batch", 1]),
+                    helper.make_tensor_value_info(SAMPLE_GREEDY, onnx.TensorProto.BOOL, ["batch"]),
+                    helper.make_tensor_value_info(SAMPLE_UNIFORM, f32, ["batch", 1])])
+    consts = {"head_axis1": np.array([1], np.int64), "head_axis1_scalar": np.array(1, np.int64),
+              "head_last_start": np.array([-1], np.int64), "head_last_end": np.array([vocab_size], np.int64),
+              "head_vocab_last": np.array(vocab_size - 1, np.int64)}
+    g.initializer.extend(numpy_helper.from_array(v, k) for k, v in consts.items())
+
+    def node(op, inputs, output, **attrs):
+        g.node.append(helper.make_node(op, inputs, [output], name="head/" + output, **attrs))
+        return output
+
+    flat = node("Squeeze", [logits_name, "head_axis1"], "head_logits")  # (B, V)
+    node("ReduceLogSumExp", [flat], LOG_Z, axes=[1], keepdims=0)
+    greedy = node("ArgMax", [flat], "head_argmax", axis=1, keepdims=0)
+    probs = node("Softmax", [node("Mul", [flat, SAMPLE_INV_TEMPERATURE], "head_scaled")], "head_probs", axis=1)
+    cdf = node("CumSum", [probs, "head_axis1_scalar"], "head_cdf")
+    total = node("Slice", [cdf, "head_last_start", "head_last_end", "head_axis1"], "head_total")  # (B, 1)
+    target = node("Mul", [SAMPLE_UNIFORM, total], "head_target")
+    below = node("Cast", [node("LessOrEqual", [cdf, target], "head_below_bool")], "head_below", to=onnx.TensorProto.INT64)
+    sampled = node("Min", [node("ReduceSum", [below, "head_axis1"], "head_count", keepdims=0), "head_vocab_last"], "head_sampled")
+    node("Where", [SAMPLE_GREEDY, greedy, sampled], NEXT_TOKEN)
+    g.output.extend([helper.make_tensor_value_info(NEXT_TOKEN, onnx.TensorProto.INT64, ["batch"]),
+                     helper.make_tensor_value_info(LOG_Z, f32, ["batch"])])
+    return model
