@@ -79,6 +79,19 @@ def test_streamed_beam_text_is_a_prefix_of_every_returned_sequence(char_model_fi
     assert first_emission_step is not None
 
 
+def test_beam_search_streams_settled_text_before_it_ends(char_model_file):
+    rnn = RnnModel.load(char_model_file, device="cpu")
+    ids = rnn.tokenizer.encode("to be")
+    search = BeamSearch(rnn, ids, GenerationParams(max_new_tokens=120, num_beams=3))
+    deltas = []
+    for delta in search:
+        if not deltas:
+            assert search.results == []  # the search is still running when text first comes out
+        deltas.append(delta)
+    assert len(deltas) > 3 and search.results
+    assert search.results[0].text.startswith("".join(deltas))
+
+
 def test_beam_stop_strings_end_hypotheses(char_model_file):
     rnn = RnnModel.load(char_model_file, device="cpu")
     free = generate(rnn, "the", GenerationParams(max_new_tokens=60, num_beams=3)).text

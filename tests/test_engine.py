@@ -240,6 +240,25 @@ def test_graph_and_numpy_rows_mix_in_one_batch(rnn):
     assert rows[1].text == alone(rnn, "the", nucleus)
 
 
+def test_greedy_rows_take_the_argmax_when_decoded_with_sampled_rows(rnn):
+    """Greedy rows that go through numpy (the first token after a prefill, n-gram bans) next to
+    top-k sampled rows still take the most likely token, as they do alone."""
+    tok = rnn.tokenizer
+    greedy = GenerationParams(max_new_tokens=40, temperature=0.0, seed=0)
+    greedy_banned = GenerationParams(max_new_tokens=40, temperature=0.0, seed=0, no_repeat_ngram_size=3)
+    sampled = GenerationParams(max_new_tokens=40, seed=3, temperature=1.5, top_k=8)
+    engine = DecodeEngine(rnn)
+    rows = []
+    for p in (greedy, sampled, greedy_banned, sampled):
+        rows.append(make_row(rnn, tok.encode("the"), p, len(rows)))
+    logits, state = engine.prefill(tok.encode("the"))
+    engine.add(rows, logits[[0] * 4], state.select([0] * 4))
+    run_to_end(engine)
+    assert rows[0].text == alone(rnn, "the", greedy)
+    assert rows[2].text == alone(rnn, "the", greedy_banned)
+    assert rows[1].text == rows[3].text == alone(rnn, "the", sampled)
+
+
 def test_a_long_stream_keeps_constant_memory(rnn):
     """Tokens are counted, not listed; history is a window; a streaming row does not collect text."""
     import tracemalloc

@@ -138,7 +138,7 @@ class RowUpdate:
     token: int
     text: str
     finished: bool
-    details: dict | None = None  # with params.introspect: see rnngen.introspection.token_details
+    details: dict | None = None  # with params.introspect: see rnngen.decoding.details.token_details
     error: Exception | None = None  # the row ended because of this (its stream gets the error)
 
 
