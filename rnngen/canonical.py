@@ -53,12 +53,31 @@ def check_structure(model: onnx.ModelProto, structure: onnx.ModelProto, path: Pa
         raise not_rnngens(path, f"it is named {graph.name[:80]!r}, rnngen's is {want.name!r}")
     if list(graph.input) != list(want.input) or list(graph.output) != list(want.output):
         raise not_rnngens(path, "its inputs or outputs differ from rnngen's in type or shape")
+    difference = _node_difference(graph, want)
+    if difference:
+        raise not_rnngens(path, difference)
+
+
+def _node_difference(graph: onnx.GraphProto, want: onnx.GraphProto) -> str:
+    """The first way graph's nodes differ from want's, looking into loop bodies; '' when they are equal."""
     for i, (got, expected) in enumerate(zip(graph.node, want.node)):
-        if got != expected:
-            detail = "" if got.op_type != expected.op_type or got.domain != expected.domain else " (attributes, wiring or loop body differ)"
-            raise not_rnngens(path, f"node {i} is {_describe_node(got)}, rnngen's is {_describe_node(expected)}{detail}")
+        if got == expected:
+            continue
+        where = f"node {i} ({expected.name})"
+        if (got.op_type, got.domain, got.input, got.output) != (expected.op_type, expected.domain, expected.input, expected.output):
+            return f"{where} is {_describe_node(got)}, rnngen's is {_describe_node(expected)}"
+        attrs, wanted = {a.name: a for a in got.attribute}, {a.name: a for a in expected.attribute}
+        for name in sorted(set(attrs) | set(wanted)):
+            if name in attrs and name in wanted and attrs[name].type == wanted[name].type == onnx.AttributeProto.GRAPH:
+                inner = _node_difference(attrs[name].g, wanted[name].g)
+                if inner:
+                    return f"in the {name} of {where}: {inner}"
+            if attrs.get(name) != wanted.get(name):
+                return f"{where} has a different attribute {name!r}"
+        return f"{where} differs in its name or documentation"
     if len(graph.node) != len(want.node):
-        raise not_rnngens(path, f"it has {len(graph.node)} nodes, rnngen's has {len(want.node)}")
+        return f"{graph.name[:80]!r} has {len(graph.node)} nodes, rnngen's has {len(want.node)}"
+    return ""
 
 
 def check_domains(model: onnx.ModelProto, allowed: tuple[str, ...], path: Path) -> None:

@@ -88,9 +88,9 @@ def parse_json(key: str, text: str) -> object:
     try:
         value = json.loads(text, parse_constant=_no_constant)
     except json.JSONDecodeError as exc:
-        raise refuse(key, f"not valid JSON ({exc.msg})") from None
+        raise refuse(key, f"the value is not valid JSON ({exc.msg})") from None
     except ValueError as exc:  # integers of thousands of digits, NaN/Infinity
-        raise refuse(key, f"not valid JSON ({exc})") from None
+        raise refuse(key, f"the value is not valid JSON ({exc})") from None
     _check_strings(key, value, "")
     return value
 
@@ -98,12 +98,12 @@ def parse_json(key: str, text: str) -> object:
 def _check_strings(key: str, value: object, where: str) -> None:
     """Strings must be Unicode text: JSON escapes can make lone surrogates, which no encoding accepts."""
     if isinstance(value, float) and not math.isfinite(value):
-        raise refuse(key, f"{where or 'value'} is {value}, expected a finite number")
+        raise refuse(key, f"{where or 'the value'} is {value}, expected a finite number")
     if isinstance(value, str):
         try:
             value.encode("utf-8")
         except UnicodeEncodeError as exc:
-            raise refuse(key, f"{where or 'value'} {value[:40]!r} holds U+{ord(value[exc.start]):04X}, a lone "
+            raise refuse(key, f"{where or 'the value'} {value[:40]!r} holds U+{ord(value[exc.start]):04X}, a lone "
                               "surrogate, not a Unicode character") from None
     elif isinstance(value, list):
         for i, item in enumerate(value):
@@ -116,7 +116,7 @@ def _check_strings(key: str, value: object, where: str) -> None:
 
 def _object(key: str, value: object) -> dict:
     if not isinstance(value, dict):
-        raise refuse(key, f"{_type_name(value)}, expected a JSON object")
+        raise refuse(key, f"the value is {_type_name(value)}, expected a JSON object")
     return value
 
 

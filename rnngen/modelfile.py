@@ -208,7 +208,7 @@ def _text(buf: memoryview, meta: dict[str, Span], key: str, vocab_size: int = 0)
     try:
         return bytes(buf[span.start : span.end]).decode("utf-8")
     except UnicodeDecodeError:
-        raise ModelFormatError(f"metadata {key}: not UTF-8 text") from None
+        raise ModelFormatError(f"metadata {key}: the value is not UTF-8 text") from None
 
 
 def _check_graph_bounds(path: Path, buf: memoryview, graph: Span, config: ModelConfig, structure: onnx.ModelProto) -> None:
@@ -217,8 +217,9 @@ def _check_graph_bounds(path: Path, buf: memoryview, graph: Span, config: ModelC
     weight_bytes = 4 * sum(math.prod(s) for s in shapes.values())
     allowed = weight_bytes + STRUCTURE_BYTES + STRUCTURE_BYTES_PER_LAYER * config.num_layers
     if graph.end - graph.start > allowed:
-        raise not_rnngens(path, f"it takes {graph.end - graph.start:,} bytes, more than the {allowed:,} that "
-                                f"a {config.cell} model of this config ({weight_bytes:,} bytes of weights) may take")
+        raise not_rnngens(path, f"it takes {graph.end - graph.start:,} bytes, more than the {allowed:,} that rnngen's "
+                                f"graph for its config ({config.cell}, {config.num_layers}x{config.hidden_size}, vocabulary "
+                                f"{config.vocab_size}: {weight_bytes:,} bytes of weights) may take")
     skeleton = structure.graph.SerializeToString()
     budget = 2 * count_fields(skeleton, 0, len(skeleton), onnx.GraphProto.DESCRIPTOR, len(skeleton))
     budget += FIELDS_PER_WEIGHT * len(shapes)
