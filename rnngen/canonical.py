@@ -134,6 +134,9 @@ def canonical_initializers(graph: onnx.GraphProto, structure: onnx.ModelProto, c
     return weights
 
 
+_PLAIN_FIELDS = {"name", "dims", "data_type", "raw_data"}
+
+
 def _type_name(data_type: int) -> str:
     try:
         return TensorProto.DataType.Name(data_type)
@@ -144,6 +147,8 @@ def _type_name(data_type: int) -> str:
 def _plain_float_tensor(tensor: TensorProto, shape: tuple[int, ...], path: Path) -> TensorProto:
     """A tensor with only name, dims, type and raw data: whatever else the file's tensor carried is dropped."""
     size = math.prod(shape)
+    if {f.name for f, _ in tensor.ListFields()} == _PLAIN_FIELDS and len(tensor.raw_data) == size * 4:
+        return tensor  # already plain (as rnngen writes them): no copy
     if tensor.data_location == TensorProto.EXTERNAL:
         data = read_external_data(tensor, size * 4, path)
     elif tensor.raw_data and not tensor.float_data and len(tensor.raw_data) == size * 4:
