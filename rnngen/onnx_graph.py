@@ -17,6 +17,9 @@ that table is no larger than the matrices it replaces.
 
 Weights use PyTorch's names and gate order (`rnn.weight_ih_l0`, ...), so a
 model trained with the fused nn.LSTM/nn.GRU/nn.RNN maps onto this graph as is.
+The graph's structure depends on the config alone (`model_structure`); its
+weights (`graph_weights`, shapes in `graph_weight_shapes`) are added to it. A
+loaded file is held to that structure (see `canonical`).
 """
 
 from __future__ import annotations
