@@ -84,7 +84,7 @@ def test_refuses_newer_format_version(char_model_file, tmp_path):
 
 def test_refuses_broken_metadata(char_model_file, tmp_path):
     path = rewrite(char_model_file, tmp_path / "m.onnx", lambda m: set_meta(m, "rnngen.config", "{not json"))
-    assert "rnngen.config is not valid JSON" in refusal(path)
+    assert "metadata rnngen.config: the value is not valid JSON" in refusal(path)
     path = rewrite(char_model_file, tmp_path / "m2.onnx", lambda m: set_meta(m, "rnngen.tokenizer", json.dumps({"kind": "char", "symbols": ["a", "b"]})))
     assert "tokenizer has 2 symbols" in refusal(path)
 

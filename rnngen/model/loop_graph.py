@@ -17,6 +17,9 @@ that table is no larger than the matrices it replaces.
 
 Weights use PyTorch's names and gate order (`rnn.weight_ih_l0`, ...), so a
 model trained with the fused nn.LSTM/nn.GRU/nn.RNN maps onto this graph as is.
+The graph's structure depends on the config alone (`model_structure`); its
+weights (`graph_weights`, shapes in `graph_weight_shapes`) are added to it. A
+loaded file is held to that structure (see `canonical`).
 """
 
 from __future__ import annotations
@@ -65,6 +68,57 @@ def _fold_embedding(config: ModelConfig) -> bool:
     """Precompute layer 0's input projection per symbol when that does not grow the file."""
     gh = config.gates * config.hidden_size
     return config.vocab_size * gh <= config.vocab_size * config.input_size + gh * config.input_size
+
+
+def graph_weight_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """The float32 initializers of the graph (what `graph_weights` computes), by name, with their shapes.
+
+    Everything else in an rnngen model follows from the config: a loaded file's weights are
+    checked against these shapes before anything is built from them.
+    """
+    gh, hidden, vocab = config.gates * config.hidden_size, config.hidden_size, config.vocab_size
+    shapes: dict[str, tuple[int, ...]] = {}
+    for k in range(config.num_layers):
+        p = f"l{k}_"
+        if k == 0 and _fold_embedding(config):
+            shapes[p + "input_table"] = (vocab, gh)
+        else:
+            if k == 0:
+                shapes["embedding"] = (vocab, config.input_size)
+            shapes[p + "w_ih_t"] = (config.input_size if k == 0 else hidden, gh)
+            shapes[p + "b_in"] = (gh,)
+        shapes[p + "w_hh_t"] = (hidden, gh)
+        if config.cell == "gru":
+            shapes[p + "b_hh"] = (gh,)
+    shapes["decoder_w_t"] = (hidden, vocab)
+    shapes["decoder_b"] = (vocab,)
+    return shapes
+
+
+def graph_weights(config: ModelConfig, weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The graph's float32 initializers from PyTorch-named weights: transposed, biases folded."""
+    check_weights(config, weights)
+    w = {name: np.asarray(value, dtype=np.float32) for name, value in weights.items()}
+    out: dict[str, np.ndarray] = {}
+    for k in range(config.num_layers):
+        p = f"l{k}_"
+        w_ih, w_hh = w[f"rnn.weight_ih_l{k}"], w[f"rnn.weight_hh_l{k}"]
+        b_ih, b_hh = w[f"rnn.bias_ih_l{k}"], w[f"rnn.bias_hh_l{k}"]
+        # GRU keeps b_hh inside the loop (b_hn is multiplied by r); the others fold it into the input side.
+        b_in = b_ih if config.cell == "gru" else b_ih + b_hh
+        if k == 0 and _fold_embedding(config):
+            out[p + "input_table"] = w["embedding.weight"] @ w_ih.T + b_in  # (V, G*H)
+        else:
+            if k == 0:
+                out["embedding"] = w["embedding.weight"]
+            out[p + "w_ih_t"] = w_ih.T
+            out[p + "b_in"] = b_in
+        out[p + "w_hh_t"] = w_hh.T  # (H, G*H)
+        if config.cell == "gru":
+            out[p + "b_hh"] = b_hh
+    out["decoder_w_t"] = (w["embedding.weight"] if config.tied else w["decoder.weight"]).T  # (H, V)
+    out["decoder_b"] = w["decoder.bias"]
+    return {name: np.array(value, dtype=np.float32, order="C") for name, value in out.items()}
 
 
 class _GraphBuilder:
@@ -143,8 +197,25 @@ def _recurrent_body(config: ModelConfig, k: int, xp: str, whh_t: str, bhh: str, 
 
 def build_model(config: ModelConfig, weights: dict[str, np.ndarray], metadata: dict[str, str]) -> onnx.ModelProto:
     """The complete rnngen model: graph, weights and metadata in one ModelProto."""
-    check_weights(config, weights)
-    w = {name: np.asarray(value, dtype=np.float32) for name, value in weights.items()}
+    tensors = [numpy_helper.from_array(value, name) for name, value in graph_weights(config, weights).items()]
+    return complete_model(model_structure(config), tensors, metadata)
+
+
+def complete_model(structure: onnx.ModelProto, weights: list[onnx.TensorProto], metadata: dict[str, str]) -> onnx.ModelProto:
+    """`structure` (from model_structure) with its weight initializers and metadata added."""
+    model = onnx.ModelProto()
+    model.CopyFrom(structure)
+    model.graph.initializer.extend(weights)
+    helper.set_model_props(model, metadata)
+    return model
+
+
+def model_structure(config: ModelConfig) -> onnx.ModelProto:
+    """Everything of the rnngen model for `config` but its weights and metadata.
+
+    The graph names the weight initializers of `graph_weight_shapes` without holding them;
+    its only initializers are the small integer constants the graph itself needs.
+    """
     g = _GraphBuilder()
     hidden, layers, vocab = config.hidden_size, config.num_layers, config.vocab_size
     f32 = TensorProto.FLOAT
@@ -160,21 +231,14 @@ def build_model(config: ModelConfig, weights: dict[str, np.ndarray], metadata: d
     finals: dict[str, list[str]] = {s: [] for s in states}
     for k in range(layers):
         p = f"l{k}_"
-        w_ih, w_hh = w[f"rnn.weight_ih_l{k}"], w[f"rnn.weight_hh_l{k}"]
-        b_ih, b_hh = w[f"rnn.bias_ih_l{k}"], w[f"rnn.bias_hh_l{k}"]
-        # GRU keeps b_hh inside the loop (b_hn is multiplied by r); the others fold it into the input side.
-        b_in = b_ih if config.cell == "gru" else b_ih + b_hh
         if k == 0 and _fold_embedding(config):
-            table = w["embedding.weight"] @ w_ih.T + b_in  # (V, G*H)
-            xp = g.node("Gather", [g.const(p + "input_table", table), tokens_tb], p + "xp")
+            xp = g.node("Gather", [p + "input_table", tokens_tb], p + "xp")  # (T, B, G*H)
         else:
             if k == 0:
-                layer_input = g.node("Gather", [g.const("embedding", w["embedding.weight"]), tokens_tb], "embedded")
-            proj = g.node("MatMul", [layer_input, g.const(p + "w_ih_t", w_ih.T)], p + "proj")
-            xp = g.node("Add", [proj, g.const(p + "b_in", b_in)], p + "xp")  # (T, B, G*H)
-        whh_t = g.const(p + "w_hh_t", w_hh.T)  # (H, G*H)
-        bhh = g.const(p + "b_hh", b_hh) if config.cell == "gru" else ""
-        body = _recurrent_body(config, k, xp, whh_t, bhh, split)
+                layer_input = g.node("Gather", ["embedding", tokens_tb], "embedded")
+            proj = g.node("MatMul", [layer_input, p + "w_ih_t"], p + "proj")
+            xp = g.node("Add", [proj, p + "b_in"], p + "xp")  # (T, B, G*H)
+        body = _recurrent_body(config, k, xp, p + "w_hh_t", p + "b_hh" if config.cell == "gru" else "", split)
 
         layer_idx = g.const(p + "idx", np.array(k, dtype=np.int64))
         initial = [g.node("Gather", [s, layer_idx], f"{p}{s}0") for s in states]  # (B, H) each
@@ -185,9 +249,8 @@ def build_model(config: ModelConfig, weights: dict[str, np.ndarray], metadata: d
         layer_input = p + "ys"  # (T, B, H); feeds the next layer's projection
 
     out_bth = g.node("Transpose", [layer_input], "top_bth", perm=[1, 0, 2])  # (B, T, H)
-    dec = w["embedding.weight"] if config.tied else w["decoder.weight"]  # (V, H)
-    dec_mm = g.node("MatMul", [out_bth, g.const("decoder_w_t", dec.T)], "decoder_mm")
-    g.node("Add", [dec_mm, g.const("decoder_b", w["decoder.bias"])], LOGITS)  # (B, T, V)
+    dec_mm = g.node("MatMul", [out_bth, "decoder_w_t"], "decoder_mm")  # decoder (V, H): the embedding when tied
+    g.node("Add", [dec_mm, "decoder_b"], LOGITS)  # (B, T, V)
 
     for s in states:
         parts = [g.node("Unsqueeze", [f, g.const(f"{f}_axis", np.array([0], np.int64))], f + "_3d") for f in finals[s]]
@@ -208,5 +271,4 @@ def build_model(config: ModelConfig, weights: dict[str, np.ndarray], metadata: d
     from rnngen import __version__
 
     model.producer_version = __version__
-    helper.set_model_props(model, metadata)
     return model

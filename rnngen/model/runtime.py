@@ -35,15 +35,14 @@ class RnnModel:
         self._sample_outputs = [*self._outputs, NEXT_TOKEN, LOG_Z]
         providers = select_providers(device)
         so = ort_session_options(options)
-        # A model with external weights is opened by path so onnxruntime finds them (checked to lie
-        # inside the model's folder); a self-contained one from the bytes already checked.
-        source = str(model_file.path) if model_file.has_external_data else model_file.model_bytes
+        # rnngen's own graph with the file's weights (external ones read in by rnngen): onnxruntime
+        # never sees the file's graph nor opens a path.
         try:
-            self.session = ort.InferenceSession(source, sess_options=so, providers=providers)
+            self.session = ort.InferenceSession(model_file.model_bytes, sess_options=so, providers=providers)
         except Exception as exc:  # onnxruntime raises its own exception types
             raise ModelFormatError(f"{model_file.path}: onnxruntime cannot load the graph: {exc}") from None
         self.providers = self.session.get_providers()
-        # Decoding steps go through the loop-free step graph derived from the same file, with
+        # Decoding steps go through the loop-free step graph derived from the same graph, with
         # temperature sampling of the next token added inside it (rows that need more use the logits).
         step_proto = add_sampling_head(derive_step_model(full_proto(model_file)), self.config.vocab_size)
         self.step_session = ort.InferenceSession(step_proto.SerializeToString(), sess_options=so, providers=self.providers)
@@ -116,11 +115,9 @@ def sampling_feeds(batch: int, temperature: np.ndarray | None = None, uniform: n
 
 
 def full_proto(model_file: ModelFile):
-    """The ModelProto with any external weights read in (their location was checked on load)."""
+    """The canonical ModelProto that the model runs (weights inline), from which derived graphs are built."""
     import onnx
 
-    if model_file.has_external_data:
-        return onnx.load(str(model_file.path), load_external_data=True)
     return onnx.ModelProto.FromString(model_file.model_bytes)
 
 

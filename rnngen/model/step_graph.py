@@ -5,9 +5,10 @@ that costs a Loop per layer (onnxruntime sets up a subgraph frame each time);
 the step graph is the same model with every Loop replaced by one inlined copy
 of its body, so a step is a plain graph of a few matrix products.
 
-Derived, not stored: any rnngen model file gets it, and it is built from the
-file's own nodes and weights, so it computes exactly what the Loop graph
-computes for one time step (tests hold the two to each other).
+Derived, not stored: any rnngen model gets it, built from the Loop graph that
+runs (rnngen's own graph with the file's weights, never the file's graph), so
+it computes exactly what the Loop graph computes for one time step (tests hold
+the two to each other).
 """
 
 from __future__ import annotations

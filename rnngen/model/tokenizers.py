@@ -140,6 +140,9 @@ class WordTokenizer:
     def __init__(self, symbols: list[str]):
         if symbols[:2] != [self.UNK, self.EOS] or len(set(symbols)) != len(symbols):
             raise TokenizerError("word vocabulary must start with <unk>, <eos> and have no duplicates")
+        for i, word in enumerate(symbols):
+            if word.split() != [word]:  # encoding splits text at whitespace: such a symbol could never be read
+                raise TokenizerError(f"word vocabulary symbol {i} ({word[:40]!r}) is empty or holds whitespace")
         self.symbols = list(symbols)
         self._index = {s: i for i, s in enumerate(self.symbols)}
 
