@@ -41,6 +41,6 @@ def read_corpus(path: str | os.PathLike) -> str:
 def split_train_val(ids: np.ndarray, val_fraction: float) -> tuple[np.ndarray, np.ndarray]:
     """Hold out the end of the corpus for validation (as nanoGPT's shakespeare_char does)."""
     if not (0.0 < val_fraction < 1.0):
-        raise InvalidParameterError(f"val_fraction: {val_fraction} is outside (0, 1)")
+        raise InvalidParameterError.about("{val_fraction}: {value} is outside (0, 1)", value=val_fraction)
     n_train = int(len(ids) * (1.0 - val_fraction))
     return ids[:n_train], ids[n_train:]

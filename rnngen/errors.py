@@ -5,13 +5,56 @@ message as one line and exits non-zero, never with a traceback; the server maps
 each to a gRPC status code (rnngen.serving.protocol.STATUS_OF).
 """
 
+from __future__ import annotations
+
+import string
+from typing import Any, Mapping
+
 
 class RnngenError(Exception):
     """Base class: the message is meant for the user, as one line."""
 
 
 class InvalidParameterError(RnngenError, ValueError):
-    """A parameter is outside its allowed range (names field, value, range)."""
+    """A parameter is outside its allowed range (names the parameter, the value, the range).
+
+    Made with `about`, the message is one template for every door: it names
+    parameters as `{name}` fields, and each door spells them in its own words
+    (`in_terms_of`: CLI options, proto fields); str() spells them as Python's
+    parameter names. Values are fields too, filled in as given.
+    """
+
+    template: str | None = None
+    values: Mapping[str, Any] = {}
+
+    @classmethod
+    def about(cls, template: str, **values: Any) -> InvalidParameterError:
+        error = cls(_fill(template, values, {}))
+        error.template, error.values = template, values
+        return error
+
+    @property
+    def parameters(self) -> tuple[str, ...]:
+        """The parameters the message names, the refused one first."""
+        return tuple(_parameter_fields(self.template, self.values)) if self.template else ()
+
+    def in_terms_of(self, names: Mapping[str, str]) -> str:
+        """The message with each parameter spelled as `names` spells it (as Python's name where it has none)."""
+        return _fill(self.template, self.values, names) if self.template else str(self)
+
+
+def _parameter_fields(template: str, values: Mapping[str, Any]) -> dict[str, None]:
+    fields = (name for _, name, _, _ in string.Formatter().parse(template) if name)
+    return dict.fromkeys(name for name in fields if name not in values)
+
+
+def _fill(template: str, values: Mapping[str, Any], names: Mapping[str, str]) -> str:
+    spelled = {name: names.get(name, name) for name in _parameter_fields(template, values)}
+    return template.format_map({**values, **spelled})
+
+
+class MissingExtraError(RnngenError):
+    """A command needs packages of an optional extra that is not installed (train, export)."""
 
 
 class DataError(RnngenError):

@@ -79,17 +79,19 @@ def _text_pieces(path: Path) -> Iterator[str]:
 
 
 def score_file(model: RnnModel, path: str | os.PathLike, on_unknown: str = "error",
-               segment_tokens: int = SEGMENT_TOKENS, on_progress: Callable[[int], None] | None = None) -> ScoreResult:
+               segment_tokens: int = SEGMENT_TOKENS,
+               on_progress: Callable[[int, int], None] | None = None) -> ScoreResult:
+    """The loss of the text in `path`; `on_progress(tokens scored, bytes of the file scored)` after each segment."""
     path = check_text_file(path)
     tokenizer = model.tokenizer
     state = model.initial_state(1)
     previous = tokenizer.start_ids()[-1]  # the token before the first one scored
     total_tokens = total_chars = 0
     nats = 0.0
-    read_bytes = 0
+    done_bytes = 0
     for text in _text_pieces(path):
         total_chars += len(text)
-        read_bytes += len(text.encode("utf-8"))
+        piece_bytes = len(text.encode("utf-8"))
         ids = tokenizer.encode(text, on_unknown=on_unknown)
         for start in range(0, len(ids), segment_tokens):
             targets = np.asarray(ids[start : start + segment_tokens], dtype=np.int64)
@@ -98,8 +100,9 @@ def score_file(model: RnnModel, path: str | os.PathLike, on_unknown: str = "erro
             nats += float(_nll(logits[0], targets))
             previous = int(targets[-1])
             total_tokens += len(targets)
-        if on_progress:
-            on_progress(read_bytes)
+            if on_progress:  # bytes scored, pro rata within the piece
+                on_progress(total_tokens, done_bytes + piece_bytes * (start + len(targets)) // len(ids))
+        done_bytes += piece_bytes
     if total_tokens == 0:
         raise DataError(f"{path} has no tokens to score")
     return ScoreResult(total_tokens, total_chars, nats)

@@ -37,10 +37,14 @@ def reference() -> str:
             names = ", ".join(f"`{o}`" for o in [*param.opts, *param.secondary_opts]) if param.param_type_name == "option" \
                 else f"`{param.name.upper()}`"
             default = param.default
-            if param.param_type_name == "argument" or default is None or callable(default):
+            if isinstance(getattr(param, "show_default", None), str):  # a default described in words
+                default = param.show_default
+            elif param.param_type_name == "argument" or default is None or callable(default):
                 default = "required" if getattr(param, "required", False) else ""
-            env = getattr(param, "envvar", None)
-            meaning = _cell(getattr(param, "help", None) or "") + (f" (env `{env}`)" if env else "")
+            env = getattr(param, "envvar", None) or []
+            env = [env] if isinstance(env, str) else env
+            meaning = _cell(getattr(param, "help", None) or "") + (
+                f" (env {', '.join(f'`{v}`' for v in env)})" if env else "")
             lines.append(f"| {names} | {_cell(default)} | {meaning} |")
         lines.append("")
     return "\n".join(lines)

@@ -60,7 +60,7 @@ def test_beam_search_is_deterministic_and_ranked(char_model_file):
     params = GenerationParams(max_new_tokens=40, num_beams=5, num_return_sequences=3, length_penalty=0.7)
     a, b = generate(rnn, "the ", params), generate(rnn, "the ", params)
     assert [s.text for s in a.sequences] == [s.text for s in b.sequences]
-    scores = [s.score for s in a.sequences]
+    scores = [s.beam_score for s in a.sequences]
     assert scores == sorted(scores, reverse=True)
 
 

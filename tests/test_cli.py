@@ -52,13 +52,13 @@ def test_generate_with_sampling_options_and_stop(char_model_file):
 
 
 @pytest.mark.parametrize("args,needle", [
-    (["--temperature", "-1"], "temperature: -1.0 is not a finite number in [0.0, 100.0]"),
-    (["--top-p", "0"], "top_p: 0.0 is outside (0, 1]"),
-    (["--temperature", "nan"], "temperature: nan"),
-    (["-n", "0"], "max_new_tokens: 0"),
-    (["--device", "tpu"], "device: 'tpu' is not one of auto, cpu, cuda"),
+    (["--temperature", "-1"], "--temperature: -1.0 is outside [0, 100]"),
+    (["--top-p", "0"], "--top-p: 0.0 is outside (0, 1]"),
+    (["--temperature", "nan"], "--temperature: nan is not a number in [0, 100]"),
+    (["-n", "0"], "--max-new-tokens: 0"),
+    (["--device", "tpu"], "--device: 'tpu' is not one of auto, cpu, cuda"),
     (["--prompt", "XYZ"], "not in the model's vocabulary"),
-    (["--unknown", "maybe"], "on_unknown: 'maybe'"),
+    (["--unknown", "maybe"], "--unknown: 'maybe'"),
 ])
 def test_generate_bad_input(char_model_file, args, needle):
     one_line_error(invoke("generate", "--model", char_model_file, *args), needle)
@@ -82,7 +82,7 @@ def test_info_table_and_json(char_model_file):
     for needle in ("lstm", "hidden size", "providers used", "CPUExecutionProvider", "char, "):
         assert needle in result.stdout
     data = json.loads(invoke("info", char_model_file, "--json").stdout)
-    assert data["cell"] == "lstm" and data["layers"] == "2" and data["format version"] == "1"
+    assert data["cell"] == "lstm" and data["layers"] == 2 and data["format_version"] == 1
 
 
 def test_score_text_and_json(char_model_file, tmp_path):
@@ -140,9 +140,9 @@ def test_train_resume_continues(corpus_file, tmp_path):
     (b"", [], "data file is empty"),
     (b"\x00\x01\x02binary", [], "looks binary"),
     (b"short text\n", [], "corpus too short"),
-    (b"x" * 5000, ["--hidden", "0"], "hidden_size: 0"),
-    (b"x" * 5000, ["--seq-len", "-4"], "seq_len: -4"),
-    (b"x" * 5000, ["--cell", "transformer"], "cell: 'transformer'"),
+    (b"x" * 5000, ["--hidden", "0"], "--hidden: 0"),
+    (b"x" * 5000, ["--seq-len", "-4"], "--seq-len: -4"),
+    (b"x" * 5000, ["--cell", "transformer"], "--cell: 'transformer'"),
     (b"x" * 5000, ["--steps", "5", "--epochs", "1"], "either --steps or --epochs"),
 ])
 def test_train_bad_input(tmp_path, setup, args, needle):
@@ -229,12 +229,12 @@ def test_generate_json_samples_and_beams(char_model_file):
     assert data["seed"] == 9 and data["prompt_tokens"] == 4
     assert [s["index"] for s in data["sequences"]] == [0, 1, 2]
     for s in data["sequences"]:
-        assert set(s) == {"index", "text", "tokens", "finish_reason", "score"}
-        assert s["tokens"] == 30 and len(s["text"]) == 30 and s["finish_reason"] == "length" and s["score"] < 0
+        assert set(s) == {"index", "text", "tokens", "finish_reason", "logprob"}
+        assert s["tokens"] == 30 and len(s["text"]) == 30 and s["finish_reason"] == "length" and s["logprob"] < 0
     beams = json.loads(invoke("generate", "-m", char_model_file, "-p", "the ", "-n", "20", "--beams", "4",
                               "--num-return", "2", "--length-penalty", "0.5", "--early-stopping", "--json").stdout)
     assert len(beams["sequences"]) == 2
-    assert beams["sequences"][0]["score"] >= beams["sequences"][1]["score"]
+    assert beams["sequences"][0]["beam_score"] >= beams["sequences"][1]["beam_score"]
 
 
 def test_generate_several_sequences_printed_with_headers(char_model_file):
@@ -245,13 +245,13 @@ def test_generate_several_sequences_printed_with_headers(char_model_file):
 
 
 @pytest.mark.parametrize("args,needle", [
-    (["--beams", "0"], "num_beams: 0 is not an integer in [1, 64]"),
-    (["--num-return", "3"], "num_return_sequences: 3 is more than num_beams (1)"),
+    (["--beams", "0"], "--beams: 0 is outside [1, 64]"),
+    (["--num-return", "3"], "--num-return: 3 is more than --beams (1)"),
     (["--samples", "2", "--beams", "2"], "cannot be combined with beam search"),
-    (["--min-p", "1.5"], "min_p: 1.5"),
-    (["--repetition-penalty", "0"], "repetition_penalty: 0.0 is outside (0, 10]"),
-    (["--presence-penalty", "nan"], "presence_penalty: nan"),
-    (["--top-k", "1000"], "top_k: 1000 is larger than the model's vocabulary"),
+    (["--min-p", "1.5"], "--min-p: 1.5 is outside [0, 1]"),
+    (["--repetition-penalty", "0"], "--repetition-penalty: 0.0 is outside (0, 10]"),
+    (["--presence-penalty", "nan"], "--presence-penalty: nan"),
+    (["--top-k", "1000"], "--top-k: 1000 is larger than the model's vocabulary"),
 ])
 def test_generate_bad_engine_options(char_model_file, args, needle):
     one_line_error(invoke("generate", "--model", char_model_file, *args), needle)

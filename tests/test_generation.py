@@ -16,25 +16,25 @@ def rnn(char_model_file):
 
 
 @pytest.mark.parametrize("field,value,needle", [
-    ("temperature", -0.1, "temperature: -0.1 is not a finite number in [0.0, 100.0]"),
-    ("temperature", float("nan"), "temperature: nan"),
+    ("temperature", -0.1, "temperature: -0.1 is outside [0, 100]"),
+    ("temperature", float("nan"), "temperature: nan is not a number in [0, 100]"),
     ("temperature", float("inf"), "temperature: inf"),
     ("top_p", 0.0, "top_p: 0.0 is outside (0, 1]"),
-    ("top_p", 1.5, "top_p: 1.5"),
-    ("top_k", -1, "top_k: -1 is not an integer"),
-    ("min_p", 2.0, "min_p: 2.0 is not a finite number in [0.0, 1.0]"),
+    ("top_p", 1.5, "top_p: 1.5 is outside (0, 1]"),
+    ("top_k", -1, "top_k: -1 is outside [0, 10000000]"),
+    ("min_p", 2.0, "min_p: 2.0 is outside [0, 1]"),
     ("repetition_penalty", 0.0, "repetition_penalty: 0.0 is outside (0, 10]"),
-    ("presence_penalty", 3.0, "presence_penalty: 3.0 is not a finite number in [-2.0, 2.0]"),
+    ("presence_penalty", 3.0, "presence_penalty: 3.0 is outside [-2, 2]"),
     ("frequency_penalty", float("-inf"), "frequency_penalty: -inf"),
     ("no_repeat_ngram_size", -1, "no_repeat_ngram_size: -1"),
-    ("max_new_tokens", 0, "max_new_tokens: 0 is not an integer in [1, 100000000]"),
-    ("max_new_tokens", 2.5, "max_new_tokens: 2.5"),
+    ("max_new_tokens", 0, "max_new_tokens: 0 is outside [1, 100000000]"),
+    ("max_new_tokens", 2.5, "max_new_tokens: 2.5 is not an integer in [1, 100000000]"),
     ("seed", -5, "seed: -5"),
     ("stop", ("",), "stop: '' is not a non-empty string"),
     ("stop", tuple("abcdefghijklmnopq"), "stop: 17 strings given, at most 16"),
     ("on_unknown", "drop", "on_unknown: 'drop'"),
-    ("n", 0, "n: 0 is not an integer in [1, 256]"),
-    ("num_beams", 65, "num_beams: 65 is not an integer in [1, 64]"),
+    ("n", 0, "n: 0 is outside [1, 256]"),
+    ("num_beams", 65, "num_beams: 65 is outside [1, 64]"),
     ("length_penalty", float("nan"), "length_penalty: nan"),
     ("early_stopping", "yes", "early_stopping: 'yes' is not true or false"),
     ("num_return_sequences", 2, "num_return_sequences: 2 is more than num_beams (1); for several samples use n"),
@@ -122,7 +122,7 @@ def test_several_samples_each_returned_and_reproducible(rnn):
     result = generate(rnn, "the ", params)
     assert [s.index for s in result.sequences] == [0, 1, 2]
     assert len({s.text for s in result.sequences}) == 3
-    assert all(s.tokens == 40 and s.score < 0 for s in result.sequences)
+    assert all(s.tokens == 40 and s.logprob < 0 for s in result.sequences)
     # Sample 0 of n = 3 is the same text as the single sample with that seed.
     assert generate(rnn, "the ", GenerationParams(max_new_tokens=40, seed=5)).text == result.sequences[0].text
 

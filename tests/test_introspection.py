@@ -202,7 +202,7 @@ def test_generation_details_per_token(char_model_file):
                               units=("l1.h[5]", "l0.c[0]"))
     seq = generate(model, "the ", params).sequences[0]
     assert len(seq.details) == 25
-    assert sum(d["logprob"] for d in seq.details) == pytest.approx(seq.score, abs=1e-3)
+    assert sum(d["logprob"] for d in seq.details) == pytest.approx(seq.logprob, abs=1e-3)
     ids = model.tokenizer.encode("the ")
     for k, d in enumerate(seq.details):
         probs = [a["prob"] for a in d["top"]]

@@ -103,8 +103,8 @@ def test_dropout_is_active_only_in_training():
 
 @pytest.mark.parametrize("field,value,needle", [
     ("cell", "transformer", "cell: 'transformer' is not one of rnn, lstm, gru"),
-    ("hidden_size", 0, "hidden_size: 0 is not an integer in [1, 65536]"),
-    ("num_layers", 2.5, "num_layers: 2.5"),
+    ("hidden_size", 0, "hidden_size: 0 is outside [1, 65536]"),
+    ("num_layers", 2.5, "num_layers: 2.5 is not an integer in [1, 64]"),
     ("dropout", 1.0, "dropout: 1.0 is outside [0, 1)"),
 ])
 def test_config_rejects_bad_sizes(field, value, needle):

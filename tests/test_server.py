@@ -237,7 +237,7 @@ def test_tampered_foreign_expired_and_wrong_model_tokens_are_refused(start_serve
 @pytest.mark.parametrize("params,needle", [
     (pb.GenerationParameters(temperature=float("nan")), "temperature: nan"),
     (pb.GenerationParameters(temperature=-1), "temperature: -1.0"),
-    (pb.GenerationParameters(top_p=0.0), "top_p: 0.0 is outside (0, 1]"),
+    (pb.GenerationParameters(top_p=0.0), "params.top_p: 0.0 is outside (0, 1]"),
     (pb.GenerationParameters(top_k=10**6), "top_k: 1000000 is larger than the model's vocabulary"),
     (pb.GenerationParameters(max_new_tokens=0), "max_new_tokens: 0"),
     (pb.GenerationParameters(seed=2**64 - 1), "seed: 18446744073709551615"),

@@ -80,3 +80,40 @@ def test_help_shows_each_options_environment_variable(config_home):
     assert "RNNGEN_GENERATE_TEMPERATURE" in result.stdout
     serve_help = CliRunner().invoke(app, ["serve", "--help"], env={"COLUMNS": "200"}).stdout
     assert "RNNGEN_PORT" in serve_help and "RNNGEN_SERVE_GRACE" in serve_help
+
+
+def test_every_documented_configuration_example_works(tmp_path, monkeypatch):
+    """docs/configuration.md: each variable it names is read, each VAR=VALUE example sets its option, the TOML parses."""
+    import re
+    from pathlib import Path
+
+    import typer.main
+
+    from rnngen.cli.settings import config_defaults
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "configuration.md").read_text()
+    group = typer.main.get_command(app)
+    read_by = {}  # variable -> (command, option)
+    for name, command in group.commands.items():
+        for p in command.params:
+            for variable in [p.envvar] if isinstance(p.envvar, str) else p.envvar or []:
+                read_by.setdefault(variable, (name, p))
+    source = "".join(path.read_text() for path in (Path(__file__).resolve().parent.parent / "rnngen").rglob("*.py"))
+    for variable in set(re.findall(r"RNNGEN_[A-Z_]*[A-Z]", doc)) - {"RNNGEN_COMMAND", "RNNGEN_OPTION"}:
+        assert variable in read_by or f'"{variable}"' in source, f"{variable} is documented but read nowhere"
+    for variable, value in re.findall(r"`(RNNGEN_[A-Z_]+)=([^`]+)`", doc):
+        if variable not in read_by:  # not an option's (RNNGEN_PLUGINS=0: tests/test_plugins.py)
+            continue
+        name, param = read_by[variable]
+        monkeypatch.setenv(variable, value)
+        ctx = group.commands[name].make_context(name, [])
+        assert ctx.params[param.name] == param.type_cast_value(ctx, value) != param.get_default(ctx), variable
+    toml = re.search(r"```toml\n(.*?)```", doc, flags=re.S).group(1)
+    (tmp_path / "c.toml").write_text("\n".join(line.strip() for line in toml.splitlines()))
+    defaults = config_defaults(tmp_path / "c.toml", group)
+    assert defaults["generate"]["top_p"] == 0.95 and defaults["serve"]["max_active"] == 128
+
+
+def test_boolean_flag_from_its_environment_variable(char_model_file):
+    result = CliRunner().invoke(app, ["generate", "-m", str(char_model_file), "-n", "3"], env={"RNNGEN_GENERATE_JSON": "1"})
+    assert generated_tokens(result) == 3  # --json is RNNGEN_GENERATE_JSON, as the option is spelled

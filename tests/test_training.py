@@ -127,11 +127,11 @@ def test_bad_corpus_is_one_clear_error(tmp_path, content, needle):
 
 
 @pytest.mark.parametrize("field,value,needle", [
-    ("seq_len", 0, "seq_len: 0 is not an integer in [1, 100000]"),
+    ("seq_len", 0, "seq_len: 0 is outside [1, 100000]"),
     ("batch_size", -1, "batch_size: -1"),
-    ("lr", 0.0, "lr: 0.0 is outside (0.0, 10.0]"),
-    ("lr", float("nan"), "lr: nan"),
-    ("val_fraction", 0.95, "val_fraction: 0.95 is outside (0.0, 0.9]"),
+    ("lr", 0.0, "lr: 0.0 is outside (0, 10]"),
+    ("lr", float("nan"), "lr: nan is not a number in (0, 10]"),
+    ("val_fraction", 0.95, "val_fraction: 0.95 is outside (0, 0.9]"),
 ])
 def test_invalid_training_settings(tmp_path, field, value, needle):
     with pytest.raises(InvalidParameterError) as err:

@@ -1,8 +1,9 @@
 """The `rnngen` command line, built by `create_app()`: rnngen's own commands, then the plugins'.
 
 Commands load heavy modules inside themselves: `generate`, `serve`, `info` and
-`score` never import torch; `train` and `export` do. Errors the user can cause
-print as one line on stderr with exit code 1 (rnngen.cli.console).
+`score` never import torch; `train` and `export` do. Every command runs inside
+one error boundary: errors the user can cause print as one line on stderr with
+exit code 1, Ctrl-C exits 130 (rnngen.cli.console).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Optional
 import typer
 
 from rnngen import __version__
-from rnngen.cli.console import user_errors
+from rnngen.cli.console import ErrorBoundaryGroup
 from rnngen.cli.generate import generate
 from rnngen.cli.inspect import inspect
 from rnngen.cli.models import info, score
@@ -41,10 +42,31 @@ def _version_callback(value: bool) -> None:
         raise typer.Exit()
 
 
+class RnngenGroup(ErrorBoundaryGroup):
+    """The `rnngen` group: every command option reads RNNGEN_<COMMAND>_<OPTION>, spelled as the option is.
+
+    (click's automatic names come from Python parameter names: `--json` would read ..._AS_JSON.)
+    An option that names a shorter variable of its own, such as serve's RNNGEN_PORT, reads that one
+    first, then the long one.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        for command_name, command in self.commands.items():
+            for param in command.params:
+                longs = [o for o in param.opts if o.startswith("--")]
+                if param.param_type_name != "option" or not longs:
+                    continue
+                variable = f"RNNGEN_{command_name}_{longs[0][2:]}".upper().replace("-", "_")
+                own = [param.envvar] if isinstance(param.envvar, str) else list(param.envvar or [])
+                param.envvar = [*own, variable] if own and variable not in own else own or variable
+
+
 def create_app() -> typer.Typer:
     """The CLI: rnngen's own commands, then those plugins add (a plugin cannot take a name in use)."""
     app = typer.Typer(
         name="rnngen",
+        cls=RnngenGroup,
         help="Train, export and run recurrent language models (RNN, LSTM, GRU) with ONNX.",
         no_args_is_help=True,
         add_completion=True,  # --install-completion / --show-completion for bash, zsh, fish, PowerShell
@@ -59,12 +81,11 @@ def create_app() -> typer.Typer:
     ) -> None:
         from rnngen.cli.settings import config_defaults
 
-        # Every command option can come from RNNGEN_<COMMAND>_<OPTION> (an option that names its own
-        # variable, such as serve's RNNGEN_PORT, uses that one) and from the config file.
+        # Every command option can come from RNNGEN_<COMMAND>_<OPTION> (RnngenGroup; the prefix covers the
+        # options of a plugin's command groups) and from the config file.
         # Precedence: command line > environment > config file > built-in default (docs/configuration.md).
         ctx.auto_envvar_prefix = "RNNGEN"
-        with user_errors():
-            ctx.default_map = config_defaults(config, ctx.command)
+        ctx.default_map = config_defaults(config, ctx.command)
 
     for name, (command, help_text) in COMMANDS.items():
         app.command(name=name, help=help_text)(command)

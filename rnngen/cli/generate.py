@@ -11,7 +11,7 @@ from typing import List, Optional
 import typer
 from rich.console import Console
 
-from rnngen.cli.console import stderr, user_errors
+from rnngen.cli.console import stderr
 
 def generate(
     model: Optional[str] = typer.Option(None, "--model", "-m", help="An rnngen .onnx model (with --server: a served model's name)."),
@@ -35,7 +35,7 @@ def generate(
     num_return: int = typer.Option(1, "--num-return", help="Beam search: how many best sequences to return."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     unknown: str = typer.Option("error", "--unknown", help="Prompt characters outside the vocabulary: error, replace or skip."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object: per sequence text, tokens, finish reason, score."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object: per sequence text, tokens, finish reason, logprob (and beam_score for beams)."),
     introspect: bool = typer.Option(False, "--introspect", help="With --json: per token the top alternatives, entropy and --unit activations."),
     top_alternatives: int = typer.Option(5, "--top-alternatives", help="With --introspect: alternatives listed per token."),
     unit: Optional[List[str]] = typer.Option(None, "--unit", help="With --introspect: report this state unit per token, e.g. l1.c[42] (repeatable)."),
@@ -55,53 +55,53 @@ def generate(
         introspect=introspect, top_alternatives=top_alternatives, units=tuple(unit or ()),
     )
     if server is not None:
-        with user_errors():
-            _generate_remote(_params(params_of, as_json), model=model, prompt=prompt, as_json=as_json, quiet=quiet,
-                             server=server, tls_ca=tls_ca, token=token, session_out=session_out, resume=resume)
+        _generate_remote(_params(params_of, as_json), model=model, prompt=prompt, as_json=as_json, quiet=quiet,
+                         server=server, tls_ca=tls_ca, token=token, session_out=session_out, resume=resume)
         return
-    with user_errors():
-        from rnngen.cli.loading import load_model
-        from rnngen.decoding.generation import Generation
-        from rnngen.errors import InvalidParameterError
-        from rnngen.plugins import processor_factories
+    from rnngen.cli.loading import load_model
+    from rnngen.decoding.generation import Generation
+    from rnngen.errors import InvalidParameterError
+    from rnngen.plugins import processor_factories
 
-        params = _params(params_of, as_json)
-        if model is None:
-            raise InvalidParameterError("--model: give a model file (or --server HOST:PORT)")
-        rnn = load_model(model, device=device)
-        gen = Generation(rnn, prompt, params, processor_factories())
-        several = params.n > 1 or params.num_return_sequences > 1
-        out = sys.stdout
-        start = time.perf_counter()
-        if as_json or several:
-            for _ in gen:
-                pass
-        else:  # one sequence: stream it as it is made
-            out.write(prompt)
-            out.flush()
-            for chunk in gen:
-                out.write(chunk.text)
-                out.flush()
-            out.write("\n")
-        elapsed = time.perf_counter() - start
-        result = gen.result
-        if as_json:
-            payload = {"model": str(model), "prompt": prompt, "prompt_tokens": result.prompt_tokens, "seed": gen.seed,
-                       "sequences": [s.to_dict() for s in result.sequences]}
-            out.write(json.dumps(payload, ensure_ascii=False, indent=2) + "\n")
-        elif several:
-            console = Console(highlight=False)
-            for s in result.sequences:
-                console.rule(f"sequence {s.index + 1} · {s.tokens} tokens · {s.finish_reason} · score {s.score:.3f}", style="dim")
-                out.write(prompt + s.text + "\n")
+    params = _params(params_of, as_json)
+    if model is None:
+        raise InvalidParameterError("--model: give a model file (or --server HOST:PORT)")
+    rnn = load_model(model, device=device)
+    gen = Generation(rnn, prompt, params, processor_factories())
+    several = params.n > 1 or params.num_return_sequences > 1
+    out = sys.stdout
+    start = time.perf_counter()
+    if as_json or several:
+        for _ in gen:
+            pass
+    else:  # one sequence: stream it as it is made
+        out.write(prompt)
         out.flush()
-        if not quiet and not as_json:
-            tokens = result.new_tokens
-            rate = tokens / elapsed if elapsed > 0 else float("inf")
-            stderr().print(
-                f"[dim]{tokens} tokens in {elapsed:.2f} s ({rate:,.0f} tokens/s) on {rnn.device}, "
-                f"finish: {', '.join(s.finish_reason for s in result.sequences)}[/]"
-            )
+        for chunk in gen:
+            out.write(chunk.text)
+            out.flush()
+        out.write("\n")
+    elapsed = time.perf_counter() - start
+    result = gen.result
+    if as_json:
+        payload = {"model": str(model), "prompt": prompt, "prompt_tokens": result.prompt_tokens, "seed": gen.seed,
+                   "sequences": [s.to_dict() for s in result.sequences]}
+        out.write(json.dumps(payload, ensure_ascii=False, indent=2) + "\n")
+    elif several:
+        console = Console(highlight=False)
+        for s in result.sequences:
+            beam = "" if s.beam_score is None else f" · beam score {s.beam_score:.3f}"
+            console.rule(f"sequence {s.index + 1} · {s.tokens} tokens · {s.finish_reason} · logprob {s.logprob:.3f}{beam}",
+                         style="dim")
+            out.write(prompt + s.text + "\n")
+    out.flush()
+    if not quiet and not as_json:
+        tokens = result.new_tokens
+        rate = tokens / elapsed if elapsed > 0 else float("inf")
+        stderr().print(
+            f"[dim]{tokens} tokens in {elapsed:.2f} s ({rate:,.0f} tokens/s) on {rnn.device}, "
+            f"finish: {', '.join(s.finish_reason for s in result.sequences)}[/]"
+        )
 
 
 def _params(options: dict, as_json: bool):
@@ -124,6 +124,10 @@ def _generate_remote(params, *, model, prompt, as_json, quiet, server, tls_ca, t
     if params.n != 1 or params.num_beams != 1 or params.num_return_sequences != 1:
         raise InvalidParameterError("--samples, --beams and --num-return are for local generation; the server streams one sample")
     session = resume.read_bytes() if resume else None
+    if session_out is not None:  # checked before generating: the session exists only once the text has streamed
+        from rnngen.checks import check_output_file
+
+        check_output_file(session_out, force=True)
     out = sys.stdout
     text, last, details = "", None, []
     start = time.perf_counter()

@@ -8,7 +8,7 @@ from typing import List, Optional
 import typer
 from rich.markup import escape
 
-from rnngen.cli.console import EXIT_ERROR, stderr, user_errors
+from rnngen.cli.console import EXIT_ERROR, stderr
 from rnngen.model.locations import MODEL_DIRS_ENV
 
 
@@ -30,28 +30,27 @@ def serve(
     threads: int = typer.Option(0, "--threads", envvar="RNNGEN_THREADS", help="onnxruntime threads per model (0: one per core)."),
     per_stream: bool = typer.Option(False, "--per-stream", help="Decode each stream on its own (a benchmark baseline, not for production)."),
 ) -> None:
-    with user_errors():
-        from rnngen.errors import InvalidParameterError
-        from rnngen.model.locations import models_in, split_dirs
-        from rnngen.plugins import processor_factories, tokenizer_kinds
-        from rnngen.serving.server import ServerConfig, load_secret, serve_forever
+    from rnngen.errors import InvalidParameterError
+    from rnngen.model.locations import models_in, split_dirs
+    from rnngen.plugins import processor_factories, tokenizer_kinds
+    from rnngen.serving.server import ServerConfig, load_secret, serve_forever
 
-        models = list(model or []) + models_in(split_dirs(model_dir or []))
-        if not models:
-            raise InvalidParameterError("model: nothing to serve; give --model FILE or --model-dir with .onnx files")
-        secret = load_secret(session_secret_file)
-        if secret is None:
-            stderr().print("[yellow]no session secret given: session tokens are valid on this process only[/]")
-        config = ServerConfig(models=models, host=host, port=port, metrics_port=metrics_port,
-                              max_active=max_active, max_queued=max_queued, device=device, session_secret=secret,
-                              session_ttl_s=session_ttl, auth_token=auth_token, tls_cert=tls_cert, tls_key=tls_key,
-                              grace_s=grace, threads=threads, per_stream=per_stream,
-                              tokenizers=tokenizer_kinds(), processors=processor_factories())
-        serve_forever(config, announce=lambda line: print(line, flush=True))
+    models = list(model or []) + models_in(split_dirs(model_dir or []))
+    if not models:
+        raise InvalidParameterError("model: nothing to serve; give --model FILE or --model-dir with .onnx files")
+    secret = load_secret(session_secret_file)
+    if secret is None:
+        stderr().print("[yellow]no session secret given: session tokens are valid on this process only[/]")
+    config = ServerConfig(models=models, host=host, port=port, metrics_port=metrics_port,
+                          max_active=max_active, max_queued=max_queued, device=device, session_secret=secret,
+                          session_ttl_s=session_ttl, auth_token=auth_token, tls_cert=tls_cert, tls_key=tls_key,
+                          grace_s=grace, threads=threads, per_stream=per_stream,
+                          tokenizers=tokenizer_kinds(), processors=processor_factories())
+    serve_forever(config, announce=lambda line: print(line, flush=True))
 
 
 def health(
-    server: Optional[str] = typer.Option(None, "--server", help="HOST:PORT [default: 127.0.0.1:$RNNGEN_PORT, or :50051]."),
+    server: Optional[str] = typer.Option(None, "--server", show_default="127.0.0.1:$RNNGEN_PORT, or :50051", help="HOST:PORT."),
     service: str = typer.Option("", "--service", help="Service to ask about ('' is the whole server)."),
     timeout: float = typer.Option(3.0, "--timeout", help="Seconds to wait for the answer."),
     tls_ca: Optional[Path] = typer.Option(None, "--tls-ca", help="CA certificate of a TLS server."),

@@ -2,17 +2,35 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import typer
 from rich.console import Console
 
-from rnngen.cli.console import user_errors
+from rnngen.cli.console import EXIT_INTERRUPTED
+from rnngen.errors import MissingExtraError
+
+TRAIN_EXTRA = ("torch", "safetensors", "matplotlib")  # pyproject's `train` extra
+
+
+@contextlib.contextmanager
+def _train_extra() -> Iterator[None]:
+    """A module of the train extra missing (the runtime install) is one line on how to install it."""
+    try:
+        yield
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").partition(".")[0] not in TRAIN_EXTRA:
+            raise
+        raise MissingExtraError(
+            f"training and export need the train extra, and {exc.name} is not installed: install torch first "
+            "(the CPU build, or a CUDA one), then pip install 'rnngen[train]'") from None
+
 
 def train(
     data: Path = typer.Argument(..., help="UTF-8 text file to train on."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory for checkpoints and the loss curve [default: runs/CELL]."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", show_default="runs/CELL", help="Run directory for checkpoints and the loss curve."),
     cell: str = typer.Option("lstm", help="Recurrent cell: rnn, lstm or gru."),
     layers: int = typer.Option(2, help="Number of stacked recurrent layers."),
     hidden: int = typer.Option(512, help="Hidden units per layer."),
@@ -26,7 +44,7 @@ def train(
     weight_decay: float = typer.Option(0.01, help="AdamW weight decay on weight matrices."),
     dropout: float = typer.Option(0.2, help="Dropout on embedding, between layers and before the decoder."),
     grad_clip: float = typer.Option(1.0, help="Clip the gradient norm to this (0 disables)."),
-    steps: Optional[int] = typer.Option(None, help="Optimizer steps [default: 5000]."),
+    steps: Optional[int] = typer.Option(None, show_default="5000", help="Optimizer steps."),
     epochs: Optional[float] = typer.Option(None, help="Train this many passes over the data instead of --steps."),
     val_fraction: float = typer.Option(0.1, help="Share of the corpus, from its end, held out for validation."),
     eval_every: int = typer.Option(250, help="Steps between validation, samples and checkpoints."),
@@ -38,14 +56,13 @@ def train(
     force: bool = typer.Option(False, "--force", help="Start over in a non-empty run directory (replaces its checkpoints)."),
 ) -> None:
     options = dict(locals())
-    with user_errors():
+    with _train_extra():
         from rnngen.cli.train_progress import run_training
         from rnngen.plugins import tokenizer_kinds
 
-        run_training(**options, tokenizers=tokenizer_kinds())
-
-
-
+        trainer = run_training(**options, tokenizers=tokenizer_kinds())
+    if trainer.step < trainer.cfg.steps:  # stopped by Ctrl-C, after saving `last`
+        raise typer.Exit(EXIT_INTERRUPTED)
 
 
 def export(
@@ -53,16 +70,16 @@ def export(
     output: Path = typer.Option(..., "--output", "-o", help="The .onnx file to write."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output file."),
 ) -> None:
-    with user_errors():
+    with _train_extra():
         from rnngen.plugins import tokenizer_kinds
         from rnngen.training.export import export_checkpoint
 
         report = export_checkpoint(checkpoint, output, force=force, tokenizers=tokenizer_kinds())
-        shapes = ", ".join(f"{b}x{t}" for b, t in report.shapes)
-        console = Console(highlight=False)
-        console.print("onnx.checker: passed")
-        console.print(
-            f"parity onnxruntime vs PyTorch (batch x time {shapes}): "
-            f"max |diff| logits {report.max_logit_diff:.2e}, state {report.max_state_diff:.2e}"
-        )
-        console.print(f"wrote {report.path} ({report.bytes / 1e6:.2f} MB, {report.parameters:,} parameters)")
+    shapes = ", ".join(f"{b}x{t}" for b, t in report.shapes)
+    console = Console(highlight=False)
+    console.print("onnx.checker: passed")
+    console.print(
+        f"parity onnxruntime vs PyTorch (batch x time {shapes}): "
+        f"max |diff| logits {report.max_logit_diff:.2e}, state {report.max_state_diff:.2e}"
+    )
+    console.print(f"wrote {report.path} ({report.bytes / 1e6:.2f} MB, {report.parameters:,} parameters)")

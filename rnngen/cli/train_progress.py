@@ -16,6 +16,22 @@ from rnngen.training.checkpoint import load_checkpoint
 from rnngen.training.trainer import EvalReport, StepReport, TrainConfig, Trainer
 
 LOG_LINES_PER_EVAL = 5  # without a terminal (a log file), a plain line this often per evaluation interval
+ETA_HINT_AFTER_STEPS = 20  # the speed is measured over this many steps before a long run is pointed out
+LONG_RUN_S = 20 * 60  # a run expected to take longer than this gets a hint
+
+
+def long_run_hint(remaining_s: float, tokens_per_s: float) -> str | None:
+    """A line for a run that will take long on this CPU (training runs on the CPU), else None."""
+    if remaining_s <= LONG_RUN_S:
+        return None
+    return (f"[yellow]hint:[/] at {tokens_per_s:,.0f} tokens/s this run needs about {_duration(remaining_s)} more on "
+            "this CPU; for a first model, a smaller one finishes in minutes (the README's first command: "
+            "--cell gru --layers 1 --hidden 256 --batch-size 16 --seq-len 64 --steps 1000), or use more cores")
+
+
+def _duration(seconds: float) -> str:
+    minutes = round(seconds / 60)
+    return f"{minutes // 60} h {minutes % 60} min" if minutes >= 60 else f"{minutes} min"
 
 
 def run_training(*, data: Path, out: Path | None, cell: str, layers: int, hidden: int, embedding: int,
@@ -65,26 +81,41 @@ def run_training(*, data: Path, out: Path | None, cell: str, layers: int, hidden
         )
 
     live = console.is_terminal
+    first_step = trainer.step
     log_every = max(1, train_cfg.eval_every // LOG_LINES_PER_EVAL)
     columns = (
         TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
         TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
     )
     speed = {"tps": 0.0}
-    best = {"val": math.nan}
+    latest: dict = {"step": None, "val": math.nan}  # the last step's report and the last validation loss
+    tokens_per_step = train_cfg.batch_size * train_cfg.seq_len
     with Progress(*columns, console=console, disable=not live) as progress:
         task = progress.add_task("train", total=train_cfg.steps, completed=trainer.step, info="")
 
-        def on_step(r: StepReport) -> None:
-            speed["tps"] = r.tokens_per_s if speed["tps"] == 0 else 0.9 * speed["tps"] + 0.1 * r.tokens_per_s
-            val = "" if math.isnan(best["val"]) else f"val {best['val']:.4f} | "
+        def show() -> str:
+            """The progress line's fields from the latest step and evaluation."""
+            r = latest["step"]
+            val = "" if math.isnan(latest["val"]) else f"val {latest['val']:.4f} | "
             text = f"loss {r.loss:.4f} | {val}{speed['tps']:,.0f} tok/s | lr {r.lr:.2e}"
             progress.update(task, completed=r.step, info=text)
+            return text
+
+        def on_step(r: StepReport) -> None:
+            speed["tps"] = r.tokens_per_s if speed["tps"] == 0 else 0.9 * speed["tps"] + 0.1 * r.tokens_per_s
+            latest["step"] = r
+            text = show()
             if not live and (r.step % log_every == 0 or r.step == 1):
                 console.print(f"step {r.step}/{train_cfg.steps} {text}")
+            if r.step - first_step == ETA_HINT_AFTER_STEPS:
+                hint = long_run_hint((train_cfg.steps - r.step) * tokens_per_step / speed["tps"], speed["tps"])
+                if hint:
+                    console.print(hint)
 
         def on_eval(r: EvalReport) -> None:
-            best["val"] = r.val_loss
+            latest["val"] = r.val_loss
+            if latest["step"] is not None:
+                show()
             console.print(
                 f"[bold]step {r.step}[/]: validation loss {r.val_loss:.4f} nats/token "
                 f"({r.val_loss / math.log(2):.4f} bits), best {trainer.best_val:.4f}"

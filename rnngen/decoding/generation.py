@@ -37,11 +37,14 @@ class SequenceResult:
     text: str
     tokens: int  # generated tokens
     finish_reason: str  # "length" or "stop"
-    score: float  # samples: summed log-probability under the model; beams: the beam score
+    logprob: float  # total log-probability of the generated tokens (samples: the model's; beams: after penalties)
+    beam_score: float | None = None  # beams: logprob / tokens ** length_penalty, what they are ranked by
     details: list[dict] = field(default_factory=list)  # per token, with params.introspect
 
     def to_dict(self) -> dict:
         out = asdict(self)
+        if self.beam_score is None:
+            del out["beam_score"]
         if not self.details:
             del out["details"]
         return out
@@ -108,7 +111,7 @@ class Generation:
                     details[update.row.tag].append(update.details)
                 if update.text:
                     yield StreamChunk(update.row.tag, update.text)
-        self.sequences = [SequenceResult(r.tag, r.text, r.count, r.finish_reason, r.logprob, details[r.tag]) for r in rows]
+        self.sequences = [SequenceResult(r.tag, r.text, r.count, r.finish_reason, r.logprob, details=details[r.tag]) for r in rows]
 
     def _beams(self) -> Iterator[StreamChunk]:
         search = BeamSearch(self.model, self.prompt_ids, self.params)
@@ -121,7 +124,7 @@ class Generation:
             rest = hyp.text[len(search.emitted) :]
             if rest:
                 yield StreamChunk(i, rest)
-            self.sequences.append(SequenceResult(i, hyp.text, len(hyp.tokens), hyp.finish_reason, hyp.score))
+            self.sequences.append(SequenceResult(i, hyp.text, len(hyp.tokens), hyp.finish_reason, hyp.logprob, hyp.score))
 
 
 def generate(model: RnnModel, prompt: str, params: GenerationParams,

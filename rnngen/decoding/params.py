@@ -1,14 +1,16 @@
 """Generation parameters: one type, validated once where a request enters (CLI, API, server).
 
-Errors name the field, the value and the allowed range. The decoding engine
-trusts a GenerationParams it is given.
+Errors name the parameter, the value and the allowed range, as one message that
+each door renders in its own words (InvalidParameterError.in_terms_of: CLI
+options, proto fields, these parameter names). The decoding engine trusts a
+GenerationParams it is given.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field, fields
 
+from rnngen.checks import check_choice, check_int, check_number
 from rnngen.errors import InvalidParameterError
 from rnngen.model.tokenizers import UNKNOWN_POLICIES
 
@@ -20,6 +22,8 @@ MAX_BEAMS = 64
 MAX_PROCESSORS = 16
 MAX_ALTERNATIVES = 50
 MAX_UNITS = 64
+
+_refused = InvalidParameterError.about  # a message naming parameters as {name}
 
 
 @dataclass(frozen=True)
@@ -47,62 +51,57 @@ class GenerationParams:
     units: tuple[str, ...] = field(default_factory=tuple)  # with introspect: state units such as "l1.c[42]"
 
     def __post_init__(self) -> None:
-        _int_in("max_new_tokens", self.max_new_tokens, 1, MAX_NEW_TOKENS_LIMIT)
-        _float_in("temperature", self.temperature, 0.0, 100.0)
-        _int_in("top_k", self.top_k, 0, 10_000_000)
-        _float_in("top_p", self.top_p, 0.0, 1.0)
-        if self.top_p <= 0.0:
-            raise InvalidParameterError(f"top_p: {self.top_p} is outside (0, 1]")
-        _float_in("min_p", self.min_p, 0.0, 1.0)
-        _float_in("repetition_penalty", self.repetition_penalty, 0.0, 10.0)
-        if self.repetition_penalty <= 0.0:
-            raise InvalidParameterError(f"repetition_penalty: {self.repetition_penalty} is outside (0, 10]")
-        _float_in("presence_penalty", self.presence_penalty, -2.0, 2.0)
-        _float_in("frequency_penalty", self.frequency_penalty, -2.0, 2.0)
-        _int_in("no_repeat_ngram_size", self.no_repeat_ngram_size, 0, 64)
+        check_int("max_new_tokens", self.max_new_tokens, 1, MAX_NEW_TOKENS_LIMIT)
+        check_number("temperature", self.temperature, 0.0, 100.0)
+        check_int("top_k", self.top_k, 0, 10_000_000)
+        check_number("top_p", self.top_p, 0.0, 1.0, lo_open=True)
+        check_number("min_p", self.min_p, 0.0, 1.0)
+        check_number("repetition_penalty", self.repetition_penalty, 0.0, 10.0, lo_open=True)
+        check_number("presence_penalty", self.presence_penalty, -2.0, 2.0)
+        check_number("frequency_penalty", self.frequency_penalty, -2.0, 2.0)
+        check_int("no_repeat_ngram_size", self.no_repeat_ngram_size, 0, 64)
         if self.seed is not None:
-            _int_in("seed", self.seed, 0, MAX_SEED)
+            check_int("seed", self.seed, 0, MAX_SEED)
         if not isinstance(self.stop, tuple):
             object.__setattr__(self, "stop", tuple(self.stop))
         if len(self.stop) > MAX_STOP_STRINGS:
-            raise InvalidParameterError(f"stop: {len(self.stop)} strings given, at most {MAX_STOP_STRINGS} allowed")
+            raise _refused("{stop}: {count} strings given, at most {limit} allowed", count=len(self.stop), limit=MAX_STOP_STRINGS)
         for s in self.stop:
             if not isinstance(s, str) or not s:
-                raise InvalidParameterError(f"stop: {s!r} is not a non-empty string")
+                raise _refused("{stop}: {value!r} is not a non-empty string", value=s)
         if not isinstance(self.processors, tuple):
             object.__setattr__(self, "processors", tuple(self.processors))
         if len(self.processors) > MAX_PROCESSORS:
-            raise InvalidParameterError(f"processors: {len(self.processors)} given, at most {MAX_PROCESSORS} allowed")
+            raise _refused("{processors}: {count} given, at most {limit} allowed", count=len(self.processors), limit=MAX_PROCESSORS)
         if not all(isinstance(p, str) and p for p in self.processors):
-            raise InvalidParameterError(f"processors: {self.processors!r} must be non-empty strings NAME[:ARGUMENT]")
-        if self.on_unknown not in UNKNOWN_POLICIES:
-            raise InvalidParameterError(f"on_unknown: {self.on_unknown!r} is not one of {', '.join(UNKNOWN_POLICIES)}")
-        _int_in("n", self.n, 1, MAX_SAMPLES)
-        _int_in("num_beams", self.num_beams, 1, MAX_BEAMS)
-        _float_in("length_penalty", self.length_penalty, -10.0, 10.0)
+            raise _refused("{processors}: {value!r} must be non-empty strings NAME[:ARGUMENT]", value=self.processors)
+        check_choice("on_unknown", self.on_unknown, UNKNOWN_POLICIES)
+        check_int("n", self.n, 1, MAX_SAMPLES)
+        check_int("num_beams", self.num_beams, 1, MAX_BEAMS)
+        check_number("length_penalty", self.length_penalty, -10.0, 10.0)
         if not isinstance(self.early_stopping, bool):
-            raise InvalidParameterError(f"early_stopping: {self.early_stopping!r} is not true or false")
-        _int_in("num_return_sequences", self.num_return_sequences, 1, MAX_BEAMS)
+            raise _refused("{early_stopping}: {value!r} is not true or false", value=self.early_stopping)
+        check_int("num_return_sequences", self.num_return_sequences, 1, MAX_BEAMS)
         if not isinstance(self.introspect, bool):
-            raise InvalidParameterError(f"introspect: {self.introspect!r} is not true or false")
-        _int_in("top_alternatives", self.top_alternatives, 0, MAX_ALTERNATIVES)
+            raise _refused("{introspect}: {value!r} is not true or false", value=self.introspect)
+        check_int("top_alternatives", self.top_alternatives, 0, MAX_ALTERNATIVES)
         if not isinstance(self.units, tuple):
             object.__setattr__(self, "units", tuple(self.units))
         if len(self.units) > MAX_UNITS:
-            raise InvalidParameterError(f"units: {len(self.units)} given, at most {MAX_UNITS} allowed")
+            raise _refused("{units}: {count} given, at most {limit} allowed", count=len(self.units), limit=MAX_UNITS)
         if self.units and not self.introspect:
-            raise InvalidParameterError("units: unit activations are reported with introspect on")
+            raise _refused("{units}: unit activations are reported with {introspect} on")
         if self.num_beams > 1 and self.introspect:
-            raise InvalidParameterError("introspect: per-token details are for sampling and greedy decoding, not beam search")
+            raise _refused("{introspect}: per-token details are for sampling and greedy decoding, not beam search ({num_beams})")
         if self.num_beams > 1 and self.processors:
-            raise InvalidParameterError("processors: logits processors apply to sampling and greedy decoding, not beam search")
+            raise _refused("{processors}: logits processors apply to sampling and greedy decoding, not beam search ({num_beams})")
         if self.num_beams > 1 and self.n > 1:
-            raise InvalidParameterError("n: several samples cannot be combined with beam search; use num_return_sequences")
+            raise _refused("{n}: several samples cannot be combined with beam search ({num_beams}); "
+                           "use {num_return_sequences} for several beams")
         if self.num_return_sequences > self.num_beams:
-            raise InvalidParameterError(
-                f"num_return_sequences: {self.num_return_sequences} is more than num_beams ({self.num_beams})"
-                + ("; for several samples use n" if self.num_beams == 1 else "")
-            )
+            raise _refused("{num_return_sequences}: {value} is more than {num_beams} ({beams})"
+                           + ("; for several samples use {n}" if self.num_beams == 1 else ""),
+                           value=self.num_return_sequences, beams=self.num_beams)
 
     @property
     def greedy(self) -> bool:
@@ -114,17 +113,7 @@ class GenerationParams:
 
     def check_for_vocab(self, vocab_size: int) -> None:
         if self.top_k > vocab_size:
-            raise InvalidParameterError(f"top_k: {self.top_k} is larger than the model's vocabulary ({vocab_size})")
+            raise _refused("{top_k}: {value} is larger than the model's vocabulary ({size})", value=self.top_k, size=vocab_size)
 
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
-
-
-def _int_in(name: str, value: object, lo: int, hi: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or not (lo <= value <= hi):
-        raise InvalidParameterError(f"{name}: {value!r} is not an integer in [{lo}, {hi}]")
-
-
-def _float_in(name: str, value: object, lo: float, hi: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not (lo <= value <= hi):
-        raise InvalidParameterError(f"{name}: {value!r} is not a finite number in [{lo}, {hi}]")

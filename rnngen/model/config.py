@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from rnngen.checks import check_choice, check_int, check_number
 from rnngen.errors import InvalidParameterError
 
 CELLS = ("rnn", "lstm", "gru")
@@ -27,14 +28,12 @@ class ModelConfig:
     tie_weights: bool = True  # decoder reuses the embedding matrix when the sizes match
 
     def __post_init__(self) -> None:
-        if self.cell not in CELLS:
-            raise InvalidParameterError(f"cell: {self.cell!r} is not one of {', '.join(CELLS)}")
-        _check_int("vocab_size", self.vocab_size, 2, 10_000_000)
-        _check_int("hidden_size", self.hidden_size, 1, 65_536)
-        _check_int("num_layers", self.num_layers, 1, 64)
-        _check_int("embedding_size", self.embedding_size, 0, 65_536)
-        if not (0.0 <= self.dropout < 1.0):
-            raise InvalidParameterError(f"dropout: {self.dropout} is outside [0, 1)")
+        check_choice("cell", self.cell, CELLS)
+        check_int("vocab_size", self.vocab_size, 2, 10_000_000)
+        check_int("hidden_size", self.hidden_size, 1, 65_536)
+        check_int("num_layers", self.num_layers, 1, 64)
+        check_int("embedding_size", self.embedding_size, 0, 65_536)
+        check_number("dropout", self.dropout, 0.0, 1.0, hi_open=True)
 
     @property
     def input_size(self) -> int:
@@ -66,7 +65,3 @@ class ModelConfig:
             raise InvalidParameterError(f"model config: unknown field(s) {', '.join(unknown)}")
         return cls(**data)
 
-
-def _check_int(name: str, value: object, lo: int, hi: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or not (lo <= value <= hi):
-        raise InvalidParameterError(f"{name}: {value!r} is not an integer in [{lo}, {hi}]")

@@ -9,7 +9,8 @@ from __future__ import annotations
 import ctypes
 from dataclasses import dataclass
 
-from rnngen.errors import DeviceError, InvalidParameterError
+from rnngen.checks import check_choice
+from rnngen.errors import DeviceError
 
 DEVICES = ("auto", "cpu", "cuda")
 CPU_PROVIDER = "CPUExecutionProvider"
@@ -68,8 +69,7 @@ def cuda_unusable_reason() -> str | None:
 
 def select_providers(device: str) -> list[str]:
     """Execution providers for --device auto|cpu|cuda; 'cuda' fails clearly where CUDA is unusable."""
-    if device not in DEVICES:
-        raise InvalidParameterError(f"device: {device!r} is not one of {', '.join(DEVICES)}")
+    check_choice("device", device, DEVICES)
     if device == "cpu":
         return [CPU_PROVIDER]
     reason = cuda_unusable_reason()

@@ -21,6 +21,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping, Protocol
 
+from rnngen.checks import check_choice
 from rnngen.errors import InvalidParameterError, TokenizerError
 
 UNKNOWN_POLICIES = ("error", "replace", "skip")
@@ -41,10 +42,7 @@ class StreamDecoder(Protocol):
 
 
 def _check_policy(on_unknown: str) -> None:
-    if on_unknown not in UNKNOWN_POLICIES:
-        raise InvalidParameterError(
-            f"on_unknown: {on_unknown!r} is not one of {', '.join(UNKNOWN_POLICIES)}"
-        )
+    check_choice("on_unknown", on_unknown, UNKNOWN_POLICIES)
 
 
 def _describe_chars(chars: Iterable[str]) -> str:
@@ -149,7 +147,7 @@ class WordTokenizer:
     @classmethod
     def from_text(cls, text: str, max_vocab: int = 10_000) -> "WordTokenizer":
         if max_vocab < 3:
-            raise InvalidParameterError(f"max_vocab: {max_vocab} is below the minimum 3")
+            raise InvalidParameterError.about("{max_vocab}: {value} is below the minimum 3", value=max_vocab)
         counts = Counter(w for w in _words(text) if w not in (cls.UNK, cls.EOS))
         # Most frequent first; ties broken alphabetically so the vocabulary is reproducible.
         ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
@@ -214,16 +212,18 @@ BUILTIN_TOKENIZERS: dict[str, TokenizerKind] = {
 def _kind(kind: object, kinds: TokenizerKinds | None, error: type[Exception]) -> TokenizerKind:
     table = BUILTIN_TOKENIZERS if kinds is None else kinds
     if not isinstance(kind, str) or kind not in table:
-        what = "tokenizer:" if error is InvalidParameterError else "tokenizer kind"  # an option, or a file's metadata
-        raise error(f"{what} {kind!r} is not one of {', '.join(sorted(table))}"
-                    " (a plugin may provide it: see `rnngen plugins`)")
+        message = "{value!r} is not one of {choices} (a plugin may provide it: see `rnngen plugins`)"
+        choices = ", ".join(sorted(table))
+        if error is InvalidParameterError:  # an option
+            raise InvalidParameterError.about("{tokenizer}: " + message, value=kind, choices=choices)
+        raise error("tokenizer kind " + message.format(value=kind, choices=choices))  # a file's metadata
     return table[kind]
 
 
 def check_tokenizer_kind(kind: str, kinds: TokenizerKinds | None = None) -> None:
     """Raises, naming the known kinds, unless `kind` can be built for training."""
     if _kind(kind, kinds, InvalidParameterError).from_text is None:
-        raise InvalidParameterError(f"tokenizer: {kind!r} cannot be built for training")
+        raise InvalidParameterError.about("{tokenizer}: {value!r} cannot be built for training", value=kind)
 
 
 def build_tokenizer(kind: str, text: str, max_vocab: int = 10_000, kinds: TokenizerKinds | None = None) -> Tokenizer:

@@ -32,6 +32,15 @@ def status_of(exc: Exception) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
+# Parameters as a gRPC client names them: fields of GenerateRequest.params (refusals name them so).
+PROTO_FIELD_OF = {name: f"params.{name}" for name in pb.GenerationParameters.DESCRIPTOR.fields_by_name}
+
+
+def error_details(exc: Exception) -> str:
+    """An error's message for a gRPC client, in the protocol's words."""
+    return exc.in_terms_of(PROTO_FIELD_OF) if isinstance(exc, InvalidParameterError) else str(exc)
+
+
 FINISH_TO_PB = {FINISH_LENGTH: pb.FINISH_REASON_LENGTH, FINISH_STOP: pb.FINISH_REASON_STOP}
 
 # Fields with presence: unset means the default (GenerationParams' own).

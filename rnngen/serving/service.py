@@ -23,7 +23,7 @@ from rnngen.errors import ModelNotFoundError, RnngenError
 from rnngen.model.runtime import RnnModel
 from rnngen.model.units import state_units
 from rnngen.serving.metrics import ServerMetrics
-from rnngen.serving.protocol import FINISH_TO_PB, details_to_pb, params_from_pb, status_of
+from rnngen.serving.protocol import FINISH_TO_PB, details_to_pb, error_details, params_from_pb, status_of
 from rnngen.serving.scheduler import END, Scheduler, Stream
 from rnngen.serving.sessions import HISTORY_TAIL, SessionCodec, SessionState, model_identity, rng_from_state
 from rnngen.v1 import rnngen_pb2 as pb
@@ -94,7 +94,7 @@ class GeneratorService(pb_grpc.GeneratorServicer):
             served = self._served(request.model)
             return pb.TokenizeResponse(token_ids=served.model.tokenizer.encode(request.text))
         except RnngenError as exc:
-            await context.abort(status_of(exc), str(exc))
+            await context.abort(status_of(exc), error_details(exc))
 
     async def Generate(self, request, context):
         start = time.perf_counter()
@@ -126,7 +126,7 @@ class GeneratorService(pb_grpc.GeneratorServicer):
         except RnngenError as exc:
             status, recorded = status_of(exc).name, True
             self.metrics.requests.labels(name, status).inc()  # counted before the client can see the error
-            await context.abort(status_of(exc), str(exc))
+            await context.abort(status_of(exc), error_details(exc))
         except asyncio.CancelledError:
             raise
         except grpc.aio.AbortError:

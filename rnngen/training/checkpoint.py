@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from rnngen.model.config import ModelConfig
 from rnngen.errors import CheckpointError
@@ -60,7 +60,9 @@ def save_checkpoint(run_dir: Path, name: str, model, optimizer, meta: dict, carr
     meta = dict(meta, format=CHECKPOINT_FORMAT, version=CHECKPOINT_VERSION, param_groups=opt["param_groups"])
     run_dir.mkdir(parents=True, exist_ok=True)
     weights, info = run_dir / f"{name}.safetensors", run_dir / f"{name}.json"
-    save_file(tensors, str(weights) + ".tmp")
+    # Written by Python rather than safetensors' save_file, which creates files 0600: every file of a
+    # run gets the same mode (the umask's), best.* being copies of last.*.
+    Path(str(weights) + ".tmp").write_bytes(save(tensors))
     (run_dir / f"{info.name}.tmp").write_text(json.dumps(meta, indent=1))
     os.replace(str(weights) + ".tmp", weights)
     os.replace(run_dir / f"{info.name}.tmp", info)

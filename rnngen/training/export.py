@@ -16,7 +16,8 @@ import numpy as np
 import onnx
 import torch
 
-from rnngen.errors import CheckpointError, ExportCheckError, OverwriteRefusedError
+from rnngen.checks import check_output_file
+from rnngen.errors import CheckpointError, ExportCheckError
 from rnngen.model.file import make_metadata
 from rnngen.model.tokenizers import TokenizerKinds
 from rnngen.model.loop_graph import LOGITS, TOKENS, build_model, state_output_name
@@ -81,10 +82,7 @@ def training_summary(meta: dict) -> dict:
 def export_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike, force: bool = False,
                       tokenizers: TokenizerKinds | None = None) -> ExportReport:
     out = Path(output)
-    if out.exists() and not force:
-        raise OverwriteRefusedError(f"{out} already exists; use --force to replace it")
-    if out.exists() and out.is_dir():
-        raise OverwriteRefusedError(f"{out} is a directory; give a file name such as model.onnx")
+    check_output_file(out, force=force)
     ckpt = load_checkpoint(checkpoint, tokenizers)
     config, tokenizer = ckpt.config, ckpt.tokenizer
     model = RNNLanguageModel(config)
@@ -107,7 +105,6 @@ def export_checkpoint(checkpoint: str | os.PathLike, output: str | os.PathLike, 
             f"(allowed {PARITY_TOLERANCE}); nothing written"
         )
     data = proto.SerializeToString()
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_bytes(data)
     os.replace(tmp, out)

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from rnngen.model.config import ModelConfig
 from rnngen.corpus import read_corpus, split_train_val
+from rnngen.checks import check_int, check_number
 from rnngen.errors import CheckpointError, DataError, InvalidParameterError, OverwriteRefusedError, TrainingDivergedError
 from rnngen.model.tokenizers import TokenizerKinds, build_tokenizer, check_tokenizer_kind
 from rnngen.training.checkpoint import load_checkpoint, restore_optimizer, save_checkpoint
@@ -57,23 +58,18 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if not isinstance(self.tokenizer, str) or not self.tokenizer:
-            raise InvalidParameterError(f"tokenizer: {self.tokenizer!r} is not a tokenizer kind")
+            raise InvalidParameterError.about("{tokenizer}: {value!r} is not a tokenizer kind", value=self.tokenizer)
         for name, lo, hi in (
             ("max_vocab", 3, 10_000_000), ("seq_len", 1, 100_000), ("batch_size", 1, 1_000_000),
             ("warmup_steps", 0, 10**9), ("steps", 1, 10**9), ("eval_every", 1, 10**9),
             ("sample_tokens", 0, 100_000), ("seed", 0, 2**63 - 1), ("threads", 0, 4096),
         ):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-                raise InvalidParameterError(f"{name}: {value!r} is not an integer in [{lo}, {hi}]")
+            check_int(name, getattr(self, name), lo, hi)
         for name, lo, hi, lo_open in (
             ("lr", 0.0, 10.0, True), ("min_lr_ratio", 0.0, 1.0, False), ("weight_decay", 0.0, 10.0, False),
             ("grad_clip", 0.0, 1e6, False), ("val_fraction", 0.0, 0.9, True),
         ):
-            value = getattr(self, name)
-            if not math.isfinite(value) or not lo <= value <= hi or (lo_open and value <= lo):
-                bracket = "(" if lo_open else "["
-                raise InvalidParameterError(f"{name}: {value!r} is outside {bracket}{lo}, {hi}]")
+            check_number(name, getattr(self, name), lo, hi, lo_open=lo_open)
 
 
 def learning_rate(step: int, cfg: TrainConfig) -> float:
@@ -155,7 +151,7 @@ class Trainer:
         self.train = ChunkedStreams(train_ids, train_cfg.batch_size, train_cfg.seq_len)
         if epochs is not None:
             if not (math.isfinite(epochs) and epochs > 0):
-                raise InvalidParameterError(f"epochs: {epochs!r} is not a positive number")
+                raise InvalidParameterError.about("{epochs}: {value!r} is not a positive number", value=epochs)
             train_cfg = dataclasses.replace(train_cfg, steps=max(1, math.ceil(epochs * self.train.chunks)))
             self.cfg = train_cfg
         self.val_ids = val_ids
