@@ -101,7 +101,8 @@ def interleave(contenders: dict, rounds: int) -> dict:
 
 
 def bench_model(label: str, path: Path, config, weights, device: str, batches: list[int], quick: bool) -> list[str]:
-    from rnngen.decoding.engine import DecodeEngine, Row, row_generator
+    from rnngen.decoding.engine import DecodeEngine
+    from rnngen.decoding.rows import Row, row_generator
     from rnngen.model.runtime import RnnModel
     from rnngen.decoding.params import GenerationParams
 
@@ -137,7 +138,7 @@ def bench_model(label: str, path: Path, config, weights, device: str, batches: l
         def run():
             engine = DecodeEngine(model)
             logits, state = engine.prefill([1])
-            rows = [Row(params, row_generator(0, i), model.tokenizer.stream_decoder(), [1], tag=i) for i in range(batch)]
+            rows = [Row.start(params, row_generator(0, i), model.tokenizer, [1], tag=i) for i in range(batch)]
             engine.add(rows, logits[[0] * batch], state.select([0] * batch))
             t0 = time.perf_counter()
             while len(engine):

@@ -16,7 +16,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Iterator
 
 from rnngen.decoding.beam import BeamSearch
-from rnngen.decoding.engine import FINISH_LENGTH, FINISH_STOP, DecodeEngine, Row, resolve_seed, row_generator
+from rnngen.decoding.engine import FINISH_LENGTH, FINISH_STOP, DecodeEngine
+from rnngen.decoding.rows import Row, resolve_seed, row_generator
 from rnngen.decoding.params import GenerationParams
 from rnngen.decoding.processors import ProcessorFactories, build_processors
 from rnngen.model.runtime import RnnModel
@@ -96,8 +97,8 @@ class Generation:
         engine = DecodeEngine(self.model)
         logits, state = engine.prefill(self.prompt_ids)
         n = self.params.n
-        rows = [Row(self.params, row_generator(self.seed, i), self.model.tokenizer.stream_decoder(),
-                    list(self.prompt_ids), tag=i, logit_processors=list(self._processors)) for i in range(n)]
+        rows = [Row.start(self.params, row_generator(self.seed, i), self.model.tokenizer, self.prompt_ids,
+                          tag=i, logit_processors=list(self._processors)) for i in range(n)]
         engine.add(rows, logits[[0] * n], state.select([0] * n))  # one prefill, n copies of its state
         details: list[list[dict]] = [[] for _ in range(n)]
         while len(engine):
