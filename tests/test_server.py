@@ -284,6 +284,17 @@ def test_invalid_parameters_name_field_value_and_range(start_server, params, nee
     assert needle in err.value.details()
 
 
+def test_a_prompt_over_the_limit_is_refused_naming_it(start_server):
+    server = start_server(max_prompt_tokens=50)
+    with client_for(server) as c:
+        with pytest.raises(grpc.RpcError) as err:
+            collect(c.generate("the " * 13, params=GenerationParams(max_new_tokens=3)))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert err.value.details() == "prompt: 52 tokens is more than the limit of 50 tokens (--max-prompt-tokens)"
+        text, last = collect(c.generate("the " * 12 + "to", params=GenerationParams(max_new_tokens=3)))  # at the limit
+        assert last.usage.prompt_tokens == 50
+
+
 def test_unknown_model_and_bad_prompt(start_server):
     server = start_server()
     with client_for(server) as client:

@@ -17,7 +17,7 @@ import grpc
 
 from rnngen.decoding.engine import DecodeEngine, resume
 from rnngen.decoding.rows import Row, resolve_seed, row_generator
-from rnngen.decoding.params import GenerationParams
+from rnngen.decoding.params import DEFAULT_MAX_PROMPT_TOKENS, GenerationParams, check_prompt_length
 from rnngen.decoding.processors import ProcessorFactories, build_processors
 from rnngen.errors import ModelNotFoundError, RnngenError
 from rnngen.model.runtime import RnnModel
@@ -55,7 +55,8 @@ class GeneratorService(pb_grpc.GeneratorServicer):
     """The rnngen.v1.Generator service on grpc.aio: one event loop serves every stream's I/O."""
 
     def __init__(self, sessions: SessionCodec, metrics: ServerMetrics, loop: asyncio.AbstractEventLoop,
-                 prefill_threads: int = 4, processors: ProcessorFactories | None = None):
+                 prefill_threads: int = 4, processors: ProcessorFactories | None = None,
+                 max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS):
         self.models: dict[str, ServedModel] = {}  # filled by serve_models() once their schedulers exist
         self.default = ""
         self.sessions = sessions
@@ -64,6 +65,7 @@ class GeneratorService(pb_grpc.GeneratorServicer):
         # Prompts are prefilled off the event loop (onnxruntime releases the GIL while it runs).
         self.prefill_pool = futures.ThreadPoolExecutor(max_workers=prefill_threads, thread_name_prefix="rnngen-prefill")
         self.processors = processors  # processor names requests may use (None: the built-ins)
+        self.max_prompt_tokens = max_prompt_tokens
         self.in_flight = 0  # Generate calls not yet returned (a drain waits for them); touched on the loop only
 
     def serve_models(self, models: list[ServedModel]) -> None:
@@ -151,6 +153,7 @@ class GeneratorService(pb_grpc.GeneratorServicer):
             prompt_tokens = 0
         else:
             ids = tokenizer.encode(request.prompt, on_unknown=params.on_unknown)
+            check_prompt_length(len(ids), self.max_prompt_tokens)
             prompt_ids = ids if ids else tokenizer.start_ids()
             logits, state = DecodeEngine(model).prefill(prompt_ids)
             row = Row.start(params, row_generator(resolve_seed(params.seed), 0), tokenizer, prompt_ids,
