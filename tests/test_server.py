@@ -21,6 +21,8 @@ from rnngen.serving.server import RnngenServer, ServerConfig
 from rnngen.v1 import rnngen_pb2 as pb
 from rnngen.v1 import rnngen_pb2_grpc as pb_grpc
 
+from conftest import is_split_character
+
 SECRET = b"test-secret-0123456789abcdef"
 
 
@@ -199,11 +201,6 @@ def test_session_resume_continues_exactly(start_server, char_model_file):
     assert first + rest + more == whole
     local = generate(RnnModel.load(char_model_file, device="cpu"), "to be", GenerationParams(max_new_tokens=180, seed=11))
     assert whole == local.text
-
-
-def is_split_character(tokens, n):
-    """Tokens n-1 and n are the two bytes of one UTF-8 character."""
-    return 0xC2 <= tokens[n - 1] <= 0xDF and 0x80 <= tokens[n] <= 0xBF
 
 
 def test_session_resume_is_exact_with_penalties_stops_and_a_byte_model(start_server, byte_model_file):

@@ -17,8 +17,7 @@ from rnngen.model.config import ModelConfig
 from rnngen.model.tokenizers import ByteTokenizer, CharTokenizer
 from rnngen.serving.sessions import MAGIC, SessionCodec
 
-from conftest import corpus_text, write_model
-from test_server import is_split_character
+from conftest import corpus_text, is_split_character, write_model
 
 SECRET = b"test-secret-0123456789abcdef"
 NEVER = "#"  # not in the char test vocabulary: a stop string ending in it never completes, but its start is held back
