@@ -80,7 +80,8 @@ def pct(values, q):
 
 def engine_batch(model_path: str, device: str, batch: int, tokens: int) -> tuple[float, float]:
     """The engine alone, in-process: aggregate tokens/s and median step time at this batch size."""
-    from rnngen.decoding.engine import DecodeEngine, Row, row_generator
+    from rnngen.decoding.engine import DecodeEngine
+    from rnngen.decoding.rows import Row, row_generator
     from rnngen.model.runtime import RnnModel
     from rnngen.decoding.params import GenerationParams
 
@@ -90,7 +91,7 @@ def engine_batch(model_path: str, device: str, batch: int, tokens: int) -> tuple
     for _ in range(3):
         engine = DecodeEngine(model)
         logits, state = engine.prefill(model.tokenizer.encode("ROMEO:"))
-        rows = [Row(params, row_generator(i, 0), model.tokenizer.stream_decoder(), [0], tag=i) for i in range(batch)]
+        rows = [Row.start(params, row_generator(i, 0), model.tokenizer, [0], tag=i) for i in range(batch)]
         engine.add(rows, logits[[0] * batch], state.select([0] * batch))
         t0 = time.perf_counter()
         while len(engine):

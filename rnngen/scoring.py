@@ -19,10 +19,11 @@ import numpy as np
 from rnngen.corpus import check_text_file
 from rnngen.errors import DataError
 from rnngen.decoding.logits import log_softmax
+from rnngen.model.prefill_graph import PREFILL_CHUNK
 from rnngen.model.runtime import RnnModel
 
 READ_CHARS = 1 << 20  # characters read per piece of the file
-SEGMENT_TOKENS = 1024  # tokens per model call
+SEGMENT_TOKENS = PREFILL_CHUNK  # tokens per model call: the chunks prompts are prefilled in
 
 
 @dataclass

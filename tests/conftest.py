@@ -40,6 +40,11 @@ def write_model(path: Path, config: ModelConfig, tokenizer, seed: int = 0, train
     return path
 
 
+def is_split_character(tokens, n):
+    """Byte tokens n-1 and n are the two bytes of one UTF-8 character (a stream cut after n tokens splits it)."""
+    return 0xC2 <= tokens[n - 1] <= 0xDF and 0x80 <= tokens[n] <= 0xBF
+
+
 @pytest.fixture
 def corpus_file(tmp_path: Path) -> Path:
     path = tmp_path / "corpus.txt"

@@ -64,6 +64,26 @@ def test_generate_bad_input(char_model_file, args, needle):
     one_line_error(invoke("generate", "--model", char_model_file, *args), needle)
 
 
+def test_generate_prompt_from_a_file_or_stdin_and_the_prompt_limit(char_model_file, tmp_path):
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("the quick brown fox " * 20, encoding="utf-8")
+    inline = invoke("generate", "-m", char_model_file, "--prompt", prompt.read_text(), "-n", "30", "--seed", "2", "-q")
+    from_file = invoke("generate", "-m", char_model_file, "--prompt-file", prompt, "-n", "30", "--seed", "2", "-q")
+    from_stdin = runner.invoke(app, ["generate", "-m", str(char_model_file), "--prompt-file", "-", "-n", "30", "--seed", "2",
+                                     "-q"], input=prompt.read_text())
+    assert from_file.exit_code == 0 and from_stdin.exit_code == 0, from_file.output + from_stdin.output
+    assert from_file.stdout == from_stdin.stdout == inline.stdout[len(prompt.read_text()):]  # the file is not echoed
+    one_line_error(invoke("generate", "-m", char_model_file, "--prompt-file", prompt, "--max-prompt-tokens", "100"),
+                   "prompt: 400 tokens is more than the limit of 100 tokens (--max-prompt-tokens)")
+    one_line_error(invoke("generate", "-m", char_model_file, "--prompt-file", tmp_path / "missing.txt"),
+                   "--prompt-file: cannot read")
+    (tmp_path / "latin1.txt").write_bytes(b"caf\xe9")
+    one_line_error(invoke("generate", "-m", char_model_file, "--prompt-file", tmp_path / "latin1.txt"),
+                   "is not UTF-8 text")
+    one_line_error(invoke("generate", "-m", char_model_file, "--prompt-file", prompt, "--prompt", "a"),
+                   "give either --prompt or --prompt-file")
+
+
 def test_generate_refuses_what_is_not_a_model(tmp_path):
     (tmp_path / "x.onnx").write_text("hello")
     one_line_error(invoke("generate", "--model", tmp_path / "x.onnx"), "not an ONNX model")

@@ -205,7 +205,8 @@ def test_score_reports_progress_by_tokens(char_model_file, tmp_path):
     text = tmp_path / "t.txt"
     text.write_text("to be or not to be\n" * 200)  # 3,800 tokens: four segments of 1,024 at most
     seen = []
-    result = score_file(RnnModel.load(char_model_file), text, on_progress=lambda tokens, done: seen.append((tokens, done)))
+    result = score_file(RnnModel.load(char_model_file), text, segment_tokens=1024,
+                        on_progress=lambda tokens, done: seen.append((tokens, done)))
     assert [t for t, _ in seen] == [1024, 2048, 3072, 3800] and seen[-1] == (result.tokens, text.stat().st_size)
     quiet = invoke("score", char_model_file, text)  # not a terminal: no bar, no empty line on stderr
     assert quiet.exit_code == 0 and quiet.stderr == ""

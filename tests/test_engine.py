@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from rnngen.decoding.engine import BatchState, DecodeEngine, Row, row_generator
+from rnngen.decoding.engine import BatchState, DecodeEngine
+from rnngen.decoding.rows import Row, row_generator
 from rnngen.decoding.generation import generate
 from rnngen.decoding.logits import RowParams, apply_penalties, banned_by_ngrams, draw, filtered_probs
 from rnngen.model.runtime import RnnModel
@@ -87,7 +88,7 @@ def alone(rnn, prompt, params):
 
 
 def make_row(rnn, prompt_ids, params, tag):
-    return Row(params, row_generator(params.seed, 0), rnn.tokenizer.stream_decoder(), list(prompt_ids), tag=tag)
+    return Row.start(params, row_generator(params.seed, 0), rnn.tokenizer, list(prompt_ids), tag=tag)
 
 
 def run_to_end(engine):
@@ -263,7 +264,7 @@ def test_a_long_stream_keeps_constant_memory(rnn):
     """Tokens are counted, not listed; history is a window; a streaming row does not collect text."""
     import tracemalloc
 
-    from rnngen.decoding.engine import HISTORY_WINDOW
+    from rnngen.decoding.rows import HISTORY_WINDOW
 
     params = GenerationParams(max_new_tokens=10**6, seed=1, repetition_penalty=1.1, presence_penalty=0.2)
     engine = DecodeEngine(rnn)

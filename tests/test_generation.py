@@ -87,13 +87,13 @@ def test_generation_is_deterministic_per_seed(rnn):
     assert a.finish_reason == "length" and a.new_tokens == 60 and a.prompt_tokens == 4
 
 
-def test_prompt_is_one_loop_call_then_one_step_per_token(rnn):
+def test_prompt_is_one_prefill_then_one_step_per_token(rnn):
     calls = []
-    real_run, real_step = rnn.run, rnn.step_sample
-    rnn.run = lambda tokens, state: calls.append(("run", tokens.shape)) or real_run(tokens, state)
+    real_prefill, real_step = rnn.prefill, rnn.step_sample
+    rnn.prefill = lambda ids: calls.append(("prefill", len(ids))) or real_prefill(ids)
     rnn.step_sample = lambda tokens, state, *a: calls.append(("step", tokens.shape)) or real_step(tokens, state, *a)
     generate(rnn, "to be or not", GenerationParams(max_new_tokens=10, seed=1))
-    assert calls == [("run", (1, 12))] + [("step", (1,))] * 9  # no model call after the last token
+    assert calls == [("prefill", 12)] + [("step", (1,))] * 9  # no model call after the last token
 
 
 def test_greedy_generation_follows_the_argmax_path(rnn):

@@ -21,6 +21,8 @@ from rnngen.serving.server import RnngenServer, ServerConfig
 from rnngen.v1 import rnngen_pb2 as pb
 from rnngen.v1 import rnngen_pb2_grpc as pb_grpc
 
+from conftest import is_split_character
+
 SECRET = b"test-secret-0123456789abcdef"
 
 
@@ -202,6 +204,31 @@ def test_session_resume_continues_exactly(start_server, char_model_file):
     assert whole == local.text
 
 
+def test_session_resume_is_exact_with_penalties_stops_and_a_byte_model(start_server, byte_model_file):
+    """Split where a UTF-8 character is unfinished, with every stateful parameter on: the resumed stream
+    on another replica gives the uninterrupted tokens, text and per-token log-probabilities."""
+    server_a, server_b = start_server(models=byte_model_file), start_server(models=byte_model_file)
+
+    def params(count):
+        return GenerationParams(max_new_tokens=count, seed=3, temperature=1.0, top_k=40, repetition_penalty=1.2,
+                                presence_penalty=0.3, frequency_penalty=0.2, no_repeat_ngram_size=2, stop=("zz",),
+                                processors=("ban:q",), introspect=True, top_alternatives=0)
+
+    def run(client, **kw):
+        messages = list(client.generate(return_token_ids=True, **kw))
+        return ("".join(m.text for m in messages), [t for m in messages for t in m.token_ids],
+                [d.logprob for m in messages for d in m.details], messages[-1])
+
+    with client_for(server_a) as a, client_for(server_b) as b:
+        whole_text, whole_tokens, whole_logprobs, _ = run(a, prompt="to be or not", params=params(80))
+        n = next(n for n in range(15, 70) if is_split_character(whole_tokens, n))
+        text, tokens, logprobs, last = run(a, prompt="to be or not", params=params(n), return_session=True)
+        text2, tokens2, logprobs2, _ = run(b, session=last.session, params=params(80 - n))
+    assert tokens + tokens2 == whole_tokens
+    assert text + text2 == whole_text
+    assert logprobs + logprobs2 == whole_logprobs
+
+
 def test_tampered_foreign_expired_and_wrong_model_tokens_are_refused(start_server, char_model_file, byte_model_file):
     server = start_server()
     other = start_server(session_secret=b"another-secret-0123456789")
@@ -253,6 +280,17 @@ def test_invalid_parameters_name_field_value_and_range(start_server, params, nee
             list(stub.Generate(pb.GenerateRequest(prompt="a", params=params)))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert needle in err.value.details()
+
+
+def test_a_prompt_over_the_limit_is_refused_naming_it(start_server):
+    server = start_server(max_prompt_tokens=50)
+    with client_for(server) as c:
+        with pytest.raises(grpc.RpcError) as err:
+            collect(c.generate("the " * 13, params=GenerationParams(max_new_tokens=3)))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert err.value.details() == "prompt: 52 tokens is more than the limit of 50 tokens (--max-prompt-tokens)"
+        text, last = collect(c.generate("the " * 12 + "to", params=GenerationParams(max_new_tokens=3)))  # at the limit
+        assert last.usage.prompt_tokens == 50
 
 
 def test_unknown_model_and_bad_prompt(start_server):

@@ -16,6 +16,8 @@ from rnngen.cli.console import stderr
 def generate(
     model: Optional[str] = typer.Option(None, "--model", "-m", help="An rnngen .onnx model (with --server: a served model's name)."),
     prompt: str = typer.Option("", "--prompt", "-p", help="Text to start from (empty: the model starts a new text)."),
+    prompt_file: Optional[str] = typer.Option(None, "--prompt-file", help="Read the prompt from this UTF-8 file ('-': standard input); it is not echoed."),
+    max_prompt_tokens: int = typer.Option(1_000_000, "--max-prompt-tokens", help="Refuse prompts longer than this many tokens (local; a server has its own limit)."),
     max_new_tokens: int = typer.Option(500, "--max-new-tokens", "-n", help="Tokens to generate."),
     temperature: float = typer.Option(0.8, "--temperature", "-t", help="Sampling temperature; 0 is greedy."),
     top_k: int = typer.Option(0, "--top-k", help="Sample from the k most likely tokens only (0: all)."),
@@ -54,8 +56,10 @@ def generate(
         length_penalty=length_penalty, early_stopping=early_stopping, num_return_sequences=num_return,
         introspect=introspect, top_alternatives=top_alternatives, units=tuple(unit or ()),
     )
+    echo = prompt_file is None  # a prompt from a file is not printed again
+    prompt = _read_prompt(prompt, prompt_file)
     if server is not None:
-        _generate_remote(_params(params_of, as_json), model=model, prompt=prompt, as_json=as_json, quiet=quiet,
+        _generate_remote(_params(params_of, as_json), model=model, prompt=prompt, echo=echo, as_json=as_json, quiet=quiet,
                          server=server, tls_ca=tls_ca, token=token, session_out=session_out, resume=resume)
         return
     from rnngen.cli.loading import load_model
@@ -67,7 +71,7 @@ def generate(
     if model is None:
         raise InvalidParameterError("--model: give a model file (or --server HOST:PORT)")
     rnn = load_model(model, device=device)
-    gen = Generation(rnn, prompt, params, processor_factories())
+    gen = Generation(rnn, prompt, params, processor_factories(), max_prompt_tokens)
     several = params.n > 1 or params.num_return_sequences > 1
     out = sys.stdout
     start = time.perf_counter()
@@ -75,8 +79,9 @@ def generate(
         for _ in gen:
             pass
     else:  # one sequence: stream it as it is made
-        out.write(prompt)
-        out.flush()
+        if echo:
+            out.write(prompt)
+            out.flush()
         for chunk in gen:
             out.write(chunk.text)
             out.flush()
@@ -93,7 +98,7 @@ def generate(
             beam = "" if s.beam_score is None else f" · beam score {s.beam_score:.3f}"
             console.rule(f"sequence {s.index + 1} · {s.tokens} tokens · {s.finish_reason} · logprob {s.logprob:.3f}{beam}",
                          style="dim")
-            out.write(prompt + s.text + "\n")
+            out.write((prompt if echo else "") + s.text + "\n")
     out.flush()
     if not quiet and not as_json:
         tokens = result.new_tokens
@@ -102,6 +107,24 @@ def generate(
             f"[dim]{tokens} tokens in {elapsed:.2f} s ({rate:,.0f} tokens/s) on {rnn.device}, "
             f"finish: {', '.join(s.finish_reason for s in result.sequences)}[/]"
         )
+
+
+def _read_prompt(prompt: str, prompt_file: str | None) -> str:
+    """The prompt from --prompt, or from --prompt-file (a file, or '-' for standard input)."""
+    from rnngen.errors import InvalidParameterError
+
+    if prompt_file is None:
+        return prompt
+    if prompt:
+        raise InvalidParameterError("--prompt-file: give either --prompt or --prompt-file, not both")
+    try:
+        if prompt_file == "-":
+            return sys.stdin.buffer.read().decode("utf-8")
+        return Path(prompt_file).read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidParameterError(f"--prompt-file: {prompt_file} is not UTF-8 text (invalid byte at offset {exc.start})") from None
+    except OSError as exc:
+        raise InvalidParameterError(f"--prompt-file: cannot read {prompt_file}: {exc.strerror}") from None
 
 
 def _params(options: dict, as_json: bool):
@@ -115,7 +138,7 @@ def _params(options: dict, as_json: bool):
     return params
 
 
-def _generate_remote(params, *, model, prompt, as_json, quiet, server, tls_ca, token, session_out, resume) -> None:
+def _generate_remote(params, *, model, prompt, echo, as_json, quiet, server, tls_ca, token, session_out, resume) -> None:
     import grpc
 
     from rnngen.errors import InvalidParameterError, RnngenError
@@ -133,7 +156,7 @@ def _generate_remote(params, *, model, prompt, as_json, quiet, server, tls_ca, t
     start = time.perf_counter()
     try:
         with RnngenClient(server, tls_ca=tls_ca, token=token) as client:
-            if not as_json and session is None:
+            if echo and not as_json and session is None:
                 out.write(prompt)
             for message in client.generate(prompt, model=model or "", params=params, session=session,
                                            return_session=session_out is not None):

@@ -28,6 +28,7 @@ def serve(
     tls_key: Optional[Path] = typer.Option(None, "--tls-key", envvar="RNNGEN_TLS_KEY", help="TLS private key (PEM)."),
     grace: float = typer.Option(30.0, "--grace", help="On SIGTERM: seconds for in-flight streams to finish."),
     threads: int = typer.Option(0, "--threads", envvar="RNNGEN_THREADS", help="onnxruntime threads per model (0: one per core)."),
+    max_prompt_tokens: int = typer.Option(1_000_000, "--max-prompt-tokens", envvar="RNNGEN_MAX_PROMPT_TOKENS", help="Refuse prompts longer than this many tokens (prompts prefill in constant memory; this bounds their time)."),
     per_stream: bool = typer.Option(False, "--per-stream", help="Decode each stream on its own (a benchmark baseline, not for production)."),
 ) -> None:
     from rnngen.errors import InvalidParameterError
@@ -44,7 +45,7 @@ def serve(
     config = ServerConfig(models=models, host=host, port=port, metrics_port=metrics_port,
                           max_active=max_active, max_queued=max_queued, device=device, session_secret=secret,
                           session_ttl_s=session_ttl, auth_token=auth_token, tls_cert=tls_cert, tls_key=tls_key,
-                          grace_s=grace, threads=threads, per_stream=per_stream,
+                          grace_s=grace, threads=threads, per_stream=per_stream, max_prompt_tokens=max_prompt_tokens,
                           tokenizers=tokenizer_kinds(), processors=processor_factories())
     serve_forever(config, announce=lambda line: print(line, flush=True))
 

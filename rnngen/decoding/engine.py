@@ -14,10 +14,7 @@ finished rows leave, then run the model once for all remaining rows.
 
 from __future__ import annotations
 
-import copy
-import secrets
-from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -26,10 +23,9 @@ from rnngen.decoding.details import token_details
 from rnngen.decoding.logits import RowParams, apply_penalties, banned_by_ngrams, draw, filtered_probs, log_sum_exp
 from rnngen.decoding.params import GenerationParams
 from rnngen.decoding.processors import build_processors
-from rnngen.decoding.stops import StopStringFilter
+from rnngen.decoding.rows import Row, RowSnapshot
 from rnngen.model.runtime import BoundStepper, RnnModel
 from rnngen.model.step_graph import SAMPLE_GREEDY, SAMPLE_INV_TEMPERATURE, SAMPLE_UNIFORM
-from rnngen.model.tokenizers import StreamDecoder
 from rnngen.model.units import state_units
 
 FINISH_LENGTH = "length"  # max_new_tokens reached
@@ -59,77 +55,6 @@ class BatchState:
         return BatchState({k: np.concatenate([s.arrays[k] for s in states], axis=1) for k in keys})
 
 
-def resolve_seed(seed: int | None) -> int:
-    return secrets.randbits(63) if seed is None else seed
-
-
-def row_generator(seed: int, index: int) -> np.random.Generator:
-    """Sample `index` of a request draws from its own stream: the same text alone or in any batch."""
-    return np.random.default_rng([seed, index])
-
-
-HISTORY_WINDOW = 1024  # tokens a row remembers (prompt and output) for n-gram bans
-
-
-@dataclass
-class Row:
-    """One sequence being decoded: its parameters, random generator and the text it has made.
-
-    A row's memory does not grow with the length of its stream: it counts tokens rather than
-    listing them, remembers a window of HISTORY_WINDOW tokens for n-gram bans, keeps the set of
-    seen tokens and per-token counts only when a penalty needs them (both bounded by the
-    vocabulary), and collects its text only when `keep_text` (a server streams it instead).
-    """
-
-    params: GenerationParams
-    rng: np.random.Generator
-    decoder: StreamDecoder
-    history: deque  # the last HISTORY_WINDOW tokens of prompt and output (a list is accepted)
-    tag: object = None  # the caller's label, e.g. (request, sample index)
-    count: int = 0  # tokens generated
-    last_token: int = -1
-    logprob: float = 0.0  # sum of the model's log-probabilities of the generated tokens
-    finish_reason: str | None = None
-    stops: StopStringFilter = None  # type: ignore[assignment]
-    keep_text: bool = True  # collect the generated text in `text`
-    capture_state: bool = False  # keep the row's state when it finishes (to resume it later)
-    final_state: dict | None = None  # (layers, 1, hidden) per state name: before its last token was fed
-    generated_before: int = 0  # tokens generated earlier in a resumed session
-    logit_processors: list = field(default_factory=list)  # built from params.processors when the row joins
-    units: list = field(default_factory=list)  # introspection: the state units to report, parsed when the row joins
-    error: Exception | None = None  # a logits processor failed on this row: it ends, the batch goes on
-
-    def __post_init__(self) -> None:
-        if self.stops is None:
-            self.stops = StopStringFilter(self.params.stop)
-        self.history = deque(self.history, maxlen=HISTORY_WINDOW)
-        # Seen tokens (repetition penalty) and output counts (presence/frequency): only when used.
-        self.seen: set[int] | None = set(self.history) if self.params.repetition_penalty != 1.0 else None
-        uses_counts = self.params.presence_penalty != 0.0 or self.params.frequency_penalty != 0.0
-        self.counts: dict[int, int] | None = {} if uses_counts else None
-        self._pieces: list[str] = []
-
-    @property
-    def text(self) -> str:
-        return "".join(self._pieces)
-
-    def record(self, token: int, text: str) -> None:
-        self.count += 1
-        self.last_token = token
-        self.history.append(token)
-        if self.seen is not None:
-            self.seen.add(token)
-        if self.counts is not None:
-            self.counts[token] = self.counts.get(token, 0) + 1
-        if text and self.keep_text:
-            self._pieces.append(text)
-
-    def clone(self, tag: object = None) -> "Row":
-        twin = copy.deepcopy(self)
-        twin.tag = tag if tag is not None else self.tag
-        return twin
-
-
 @dataclass
 class RowUpdate:
     """What one step did to one row: the text it added (may be empty) and whether it finished."""
@@ -140,6 +65,25 @@ class RowUpdate:
     finished: bool
     details: dict | None = None  # with params.introspect: see rnngen.decoding.details.token_details
     error: Exception | None = None  # the row ended because of this (its stream gets the error)
+
+
+def _sampling_feeds(rp: RowParams, rows: list[Row]) -> dict[str, np.ndarray]:
+    """The step graph's sampling inputs; each temperature-only row draws its next token's uniform now."""
+    uniform = rp.uniform
+    for i in rp.graph_sampled:
+        uniform[i, 0] = rows[i].rng.random()
+    return {SAMPLE_INV_TEMPERATURE: rp.inv_temperature, SAMPLE_GREEDY: rp.greedy, SAMPLE_UNIFORM: uniform}
+
+
+def resume(model: RnnModel, snapshot: RowSnapshot, params: GenerationParams, **kw) -> tuple[Row, np.ndarray, BatchState]:
+    """A row continued from a snapshot, ready to `add`: its pending token is fed now, exactly as the
+    engine would have fed it in the uninterrupted run (the same sampling inputs and random draw)."""
+    row = Row.resume(snapshot, params, model.tokenizer, **kw)
+    sampling = _sampling_feeds(RowParams.from_params([params]), [row])
+    token = np.array([snapshot.pending_token], dtype=np.int64)
+    logits, next_tokens, log_z, state = model.step_sample(token, snapshot.state, sampling)
+    row.first_sample = (int(next_tokens[0]), float(log_z[0]))
+    return row, logits, BatchState(state)
 
 
 class DecodeEngine:
@@ -186,8 +130,11 @@ class DecodeEngine:
             if row.params.units and not row.units:
                 row.units = state_units(row.params.units, self.model.config)
         self._sync_from_device()
-        unknown = np.full(len(rows), -1, dtype=np.int64)
-        no_log_z = np.full(len(rows), np.nan, dtype=np.float32)
+        # A resumed row arrives with its first token already sampled in the graph (see `resume`).
+        unknown = np.array([r.first_sample[0] if r.first_sample else -1 for r in rows], dtype=np.int64)
+        no_log_z = np.array([r.first_sample[1] if r.first_sample else np.nan for r in rows], dtype=np.float32)
+        for row in rows:
+            row.first_sample = None
         if self.state is None or not self.rows:
             self.rows, self.logits, self.state = list(rows), np.array(logits, dtype=np.float32), state
             self.next_tokens, self.log_z = unknown, no_log_z
@@ -243,17 +190,17 @@ class DecodeEngine:
                 row.finish_reason = FINISH_ERROR
                 updates.append(RowUpdate(row, token, "", True, None, row.error))
                 continue
-            row.logprob += float(logprobs[i])
             text = row.stops.push(row.decoder.push(token))
             if row.stops.stopped:
                 row.finish_reason = FINISH_STOP
             elif row.count + 1 >= row.params.max_new_tokens:
-                text += row.stops.push(row.decoder.flush())
-                text += row.stops.flush()
+                if not row.capture_state:  # a row to be resumed keeps unfinished text for its continuation
+                    text += row.stops.push(row.decoder.flush())
+                    text += row.stops.flush()
                 row.finish_reason = FINISH_STOP if row.stops.stopped else FINISH_LENGTH
             else:
                 keep.append(i)
-            row.record(token, text)
+            row.record(token, text, float(logprobs[i]))
             updates.append(RowUpdate(row, token, text, row.finish_reason is not None, details.get(i)))
         if self._seen is not None:
             self._seen[np.arange(len(tokens)), tokens] = True
@@ -298,11 +245,7 @@ class DecodeEngine:
         """One batched model call; temperature-only rows get their next token sampled in the graph."""
         if self._dirty:
             self._rebuild()
-        rp = self._rp
-        uniform = rp.uniform
-        for i in rp.graph_sampled:  # each such row draws its next token's uniform now, one per token as always
-            uniform[i, 0] = self.rows[i].rng.random()
-        sampling = {SAMPLE_INV_TEMPERATURE: rp.inv_temperature, SAMPLE_GREEDY: rp.greedy, SAMPLE_UNIFORM: uniform}
+        sampling = _sampling_feeds(self._rp, self.rows)
         if self._bound is not None:
             self.logits, self.next_tokens, self.log_z = self._bound.step(tokens, sampling)
             self._state_on_device = True
@@ -352,7 +295,7 @@ class DecodeEngine:
         from_graph = rp.simple & (self.next_tokens >= 0)
         if from_graph.all():
             tokens = self.next_tokens
-            return tokens, raw[rows_idx, tokens] - self.log_z
+            return tokens, raw[rows_idx, tokens] - self.log_z.astype(np.float64)  # float64 as below: batch-invariant
         tokens = self.next_tokens.copy()
         log_z = self.log_z.astype(np.float64)
         need = np.flatnonzero(~from_graph)

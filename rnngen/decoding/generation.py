@@ -16,8 +16,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Iterator
 
 from rnngen.decoding.beam import BeamSearch
-from rnngen.decoding.engine import FINISH_LENGTH, FINISH_STOP, DecodeEngine, Row, resolve_seed, row_generator
-from rnngen.decoding.params import GenerationParams
+from rnngen.decoding.engine import FINISH_LENGTH, FINISH_STOP, DecodeEngine
+from rnngen.decoding.rows import Row, resolve_seed, row_generator
+from rnngen.decoding.params import DEFAULT_MAX_PROMPT_TOKENS, GenerationParams, check_prompt_length
 from rnngen.decoding.processors import ProcessorFactories, build_processors
 from rnngen.model.runtime import RnnModel
 
@@ -70,15 +71,17 @@ class GenerationResult:
 
 class Generation:
     """`processors`: the names `params.processors` may use (default: the built-ins; the CLI
-    passes the plugins' too). Everything is checked here, before any work."""
+    passes the plugins' too); a prompt may have up to `max_prompt_tokens` tokens. Everything
+    is checked here, before any work."""
 
     def __init__(self, model: RnnModel, prompt: str, params: GenerationParams,
-                 processors: ProcessorFactories | None = None):
+                 processors: ProcessorFactories | None = None, max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS):
         params.check_for_vocab(model.config.vocab_size)
         self.model, self.params = model, params
         tokenizer = model.tokenizer
         self._processors = build_processors(params.processors, tokenizer, processors)
         ids = tokenizer.encode(prompt, on_unknown=params.on_unknown)  # checks the prompt before any work
+        check_prompt_length(len(ids), max_prompt_tokens)
         # An empty prompt starts the model the way texts start: after a newline (not shown).
         self.prompt_ids = ids if ids else tokenizer.start_ids()
         self.prompt_tokens = len(ids)
@@ -99,8 +102,8 @@ class Generation:
         engine = DecodeEngine(self.model)
         logits, state = engine.prefill(self.prompt_ids)
         n = self.params.n
-        rows = [Row(self.params, row_generator(self.seed, i), self.model.tokenizer.stream_decoder(),
-                    list(self.prompt_ids), tag=i, logit_processors=list(self._processors)) for i in range(n)]
+        rows = [Row.start(self.params, row_generator(self.seed, i), self.model.tokenizer, self.prompt_ids,
+                          tag=i, logit_processors=list(self._processors)) for i in range(n)]
         engine.add(rows, logits[[0] * n], state.select([0] * n))  # one prefill, n copies of its state
         details: list[list[dict]] = [[] for _ in range(n)]
         while len(engine):

@@ -22,6 +22,7 @@ MAX_BEAMS = 64
 MAX_PROCESSORS = 16
 MAX_ALTERNATIVES = 50
 MAX_UNITS = 64
+DEFAULT_MAX_PROMPT_TOKENS = 1_000_000  # prompts prefill in constant memory; the limit bounds their time
 
 _refused = InvalidParameterError.about  # a message naming parameters as {name}
 
@@ -117,3 +118,10 @@ class GenerationParams:
 
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def check_prompt_length(tokens: int, limit: int) -> None:
+    """A prompt's token count within the limit the CLI or the server was given (`--max-prompt-tokens`)."""
+    if tokens > limit:
+        raise InvalidParameterError(f"prompt: {tokens:,} tokens is more than the limit of {limit:,} tokens "
+                                    "(--max-prompt-tokens)")

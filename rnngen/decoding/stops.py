@@ -39,9 +39,10 @@ class StopStringFilter:
     def push(self, text: str) -> str:
         if self.stopped:
             return ""
-        if not self.stops:
-            return text
         buf = self._pending + text
+        if not self.stops:
+            self._pending = ""
+            return buf
         cut = find_stop(buf, self.stops)
         if cut >= 0:
             self.stopped = True
@@ -54,3 +55,12 @@ class StopStringFilter:
     def flush(self) -> str:
         out, self._pending = ("" if self.stopped else self._pending), ""
         return out
+
+    @property
+    def held(self) -> str:
+        """Text held back (not yet passed through) because it could begin a stop string."""
+        return self._pending
+
+    def restore(self, held: str) -> None:
+        """Go on from `held` of an earlier filter (a resumed stream): it is passed through or cut as if never interrupted."""
+        self._pending = held

@@ -17,6 +17,7 @@ from rnngen.model.devices import CUDA_PROVIDER, SessionOptions, ort_session_opti
 from rnngen.model.file import ModelFile, read_model_file
 from rnngen.model.tokenizers import TokenizerKinds
 from rnngen.model.loop_graph import LOGITS, TOKENS, state_output_name
+from rnngen.model.prefill_graph import PREFILL_CHUNK, derive_last_logits_model
 from rnngen.model.step_graph import LOG_Z, NEXT_TOKEN, SAMPLE_GREEDY, SAMPLE_INV_TEMPERATURE, SAMPLE_UNIFORM, add_sampling_head, derive_step_model
 
 
@@ -44,7 +45,11 @@ class RnnModel:
         self.providers = self.session.get_providers()
         # Decoding steps go through the loop-free step graph derived from the same graph, with
         # temperature sampling of the next token added inside it (rows that need more use the logits).
-        step_proto = add_sampling_head(derive_step_model(full_proto(model_file)), self.config.vocab_size)
+        proto = full_proto(model_file)
+        step_proto = add_sampling_head(derive_step_model(proto), self.config.vocab_size)
+        # Prompts go through a copy of the Loop graph that computes the last position's logits only.
+        self.prefill_session = ort.InferenceSession(derive_last_logits_model(proto).SerializeToString(), sess_options=so,
+                                                    providers=self.providers)
         self.step_session = ort.InferenceSession(step_proto.SerializeToString(), sess_options=so, providers=self.providers)
         if device == "cuda" and CUDA_PROVIDER not in self.providers:
             raise DeviceError("--device cuda: onnxruntime did not enable the CUDA provider for this model")
@@ -64,11 +69,21 @@ class RnnModel:
         shape = (self.config.num_layers, batch, self.config.hidden_size)
         return {s: np.zeros(shape, dtype=np.float32) for s in self.state_names}
 
-    def prefill(self, prompt_ids: list[int]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        """A prompt through the Loop graph from the zero state: next-token logits (1, V) and the state after it."""
-        if not prompt_ids:
+    def prefill(self, prompt_ids: list[int], chunk: int = PREFILL_CHUNK) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """A prompt from the zero state: next-token logits (1, V) and the state after it.
+
+        In chunks of `chunk` tokens through the Loop graph, carrying the state, with the logits
+        of the last position only: memory does not grow with the prompt.
+        """
+        if not len(prompt_ids):
             raise InvalidParameterError("prompt: no tokens to start from")
-        logits, state = self.run(np.asarray([prompt_ids], dtype=np.int64), self.initial_state(1))
+        ids = np.asarray(prompt_ids, dtype=np.int64)
+        state = self.initial_state(1)
+        for start in range(0, len(ids), chunk):
+            feeds = {TOKENS: ids[None, start : start + chunk]}
+            feeds.update(state)
+            logits, *new_state = self.prefill_session.run(self._outputs, feeds)
+            state = dict(zip(self.state_names, new_state))
         return logits[:, -1], state
 
     def run(self, tokens: np.ndarray, state: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray]]:

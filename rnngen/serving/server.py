@@ -20,6 +20,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from rnngen.decoding.params import DEFAULT_MAX_PROMPT_TOKENS
 from rnngen.decoding.processors import ProcessorFactories
 from rnngen.errors import InvalidParameterError, RnngenError
 from rnngen.model.devices import SessionOptions
@@ -49,13 +50,14 @@ class ServerConfig:
     grace_s: float = 30.0  # SIGTERM: time for in-flight streams to finish
     threads: int = 0  # onnxruntime intra-op threads per model; 0 lets onnxruntime choose
     per_stream: bool = False  # benchmark baseline: no batching across streams
+    max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS  # longer prompts are refused (INVALID_ARGUMENT)
     # Plugins are consulted at the edge (the CLI) and their tables handed down: None means the built-ins.
     tokenizers: TokenizerKinds | None = None  # tokenizer kinds models may use
     processors: ProcessorFactories | None = None  # processor names requests may use
 
     def __post_init__(self) -> None:
         for name, value, lo in (("max_active", self.max_active, 1), ("max_queued", self.max_queued, 0),
-                                ("port", self.port, 0)):
+                                ("port", self.port, 0), ("max_prompt_tokens", self.max_prompt_tokens, 1)):
             if not isinstance(value, int) or value < lo:
                 raise InvalidParameterError(f"{name}: {value!r} must be an integer >= {lo}")
         if (self.tls_cert is None) != (self.tls_key is None):
@@ -98,7 +100,7 @@ class RnngenServer:
                                                  tokenizers=config.tokenizers)))
         secret = config.session_secret or secrets.token_bytes(32)
         self.service = GeneratorService(SessionCodec(secret, config.session_ttl_s), self.metrics, self.loop,
-                                       processors=config.processors)
+                                       processors=config.processors, max_prompt_tokens=config.max_prompt_tokens)
         self.models = [ServedModel(name, model, Scheduler(model, name, self.service.sink, config.max_active,
                                                           config.max_queued, config.per_stream, self.metrics))
                        for name, model in loaded]

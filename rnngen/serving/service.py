@@ -14,10 +14,10 @@ from concurrent import futures
 from dataclasses import dataclass, field
 
 import grpc
-import numpy as np
 
-from rnngen.decoding.engine import BatchState, DecodeEngine, Row, resolve_seed, row_generator
-from rnngen.decoding.params import GenerationParams
+from rnngen.decoding.engine import DecodeEngine, resume
+from rnngen.decoding.rows import Row, resolve_seed, row_generator
+from rnngen.decoding.params import DEFAULT_MAX_PROMPT_TOKENS, GenerationParams, check_prompt_length
 from rnngen.decoding.processors import ProcessorFactories, build_processors
 from rnngen.errors import ModelNotFoundError, RnngenError
 from rnngen.model.runtime import RnnModel
@@ -25,7 +25,7 @@ from rnngen.model.units import state_units
 from rnngen.serving.metrics import ServerMetrics
 from rnngen.serving.protocol import FINISH_TO_PB, details_to_pb, error_details, params_from_pb, status_of
 from rnngen.serving.scheduler import END, Scheduler, Stream
-from rnngen.serving.sessions import HISTORY_TAIL, SessionCodec, SessionState, model_identity, rng_from_state
+from rnngen.serving.sessions import SessionCodec, model_identity
 from rnngen.v1 import rnngen_pb2 as pb
 from rnngen.v1 import rnngen_pb2_grpc as pb_grpc
 
@@ -55,7 +55,8 @@ class GeneratorService(pb_grpc.GeneratorServicer):
     """The rnngen.v1.Generator service on grpc.aio: one event loop serves every stream's I/O."""
 
     def __init__(self, sessions: SessionCodec, metrics: ServerMetrics, loop: asyncio.AbstractEventLoop,
-                 prefill_threads: int = 4, processors: ProcessorFactories | None = None):
+                 prefill_threads: int = 4, processors: ProcessorFactories | None = None,
+                 max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS):
         self.models: dict[str, ServedModel] = {}  # filled by serve_models() once their schedulers exist
         self.default = ""
         self.sessions = sessions
@@ -64,6 +65,7 @@ class GeneratorService(pb_grpc.GeneratorServicer):
         # Prompts are prefilled off the event loop (onnxruntime releases the GIL while it runs).
         self.prefill_pool = futures.ThreadPoolExecutor(max_workers=prefill_threads, thread_name_prefix="rnngen-prefill")
         self.processors = processors  # processor names requests may use (None: the built-ins)
+        self.max_prompt_tokens = max_prompt_tokens
         self.in_flight = 0  # Generate calls not yet returned (a drain waits for them); touched on the loop only
 
     def serve_models(self, models: list[ServedModel]) -> None:
@@ -147,19 +149,15 @@ class GeneratorService(pb_grpc.GeneratorServicer):
         tokenizer = model.tokenizer
         if request.WhichOneof("start") == "session":
             saved = self.sessions.decode(request.session, served.model_id, model.state_names)
-            logits, state = model.step(np.array([saved.pending_token], dtype=np.int64), saved.state)
-            decoder = tokenizer.stream_decoder()
-            decoder.restore(saved.decoder_pending)
-            row = Row(params, rng_from_state(saved.rng_state), decoder, list(saved.history_tail),
-                      generated_before=saved.generated_before, keep_text=False)
+            row, logits, state = resume(model, saved, params, keep_text=False)
             prompt_tokens = 0
-            state = BatchState(state)
         else:
             ids = tokenizer.encode(request.prompt, on_unknown=params.on_unknown)
+            check_prompt_length(len(ids), self.max_prompt_tokens)
             prompt_ids = ids if ids else tokenizer.start_ids()
             logits, state = DecodeEngine(model).prefill(prompt_ids)
-            row = Row(params, row_generator(resolve_seed(params.seed), 0), tokenizer.stream_decoder(), list(prompt_ids),
-                      keep_text=False)  # the text is streamed, not kept: a stream's memory stays constant
+            row = Row.start(params, row_generator(resolve_seed(params.seed), 0), tokenizer, prompt_ids,
+                            keep_text=False)  # the text is streamed, not kept: a stream's memory stays constant
             prompt_tokens = len(ids)
         row.capture_state = request.return_session
         stream = Stream(row, prompt_tokens)
@@ -212,9 +210,7 @@ class GeneratorService(pb_grpc.GeneratorServicer):
         return message
 
     def _session_token(self, served: ServedModel, row: Row) -> bytes:
-        saved = SessionState(served.model_id, row.final_state, row.last_token, row.rng.bit_generator.state,
-                             row.decoder.save(), list(row.history)[-HISTORY_TAIL:], row.generated_before + row.count)
-        return self.sessions.encode(saved, served.model.state_names)
+        return self.sessions.encode(served.model_id, row.snapshot(), served.model.state_names)
 
 
 class BearerAuth(grpc.aio.ServerInterceptor):

@@ -1,17 +1,20 @@
-"""Resumable sessions: a stream's whole state as an opaque, HMAC-signed token.
+"""Resumable sessions: a stream's whole row as an opaque, HMAC-signed token.
 
 An RNN stream's state has a fixed size, so it travels: the token holds the
-recurrent state of the row, the last generated token (sampled but not yet fed
-to the model), the row's random generator, a UTF-8 decoder's unfinished bytes
-and the last HISTORY_TAIL tokens (what n-gram bans and the repetition penalty
-look at when the stream goes on). Any server holding the same secret continues
-the text exactly where it stopped: with the same seed, the same text as one
-uninterrupted request.
+row's complete snapshot (rnngen.decoding.rows.RowSnapshot): the recurrent
+state, the last generated token (chosen but not yet fed to the model), the
+random generator's position, the session's token count and log-probability,
+the window of recent tokens n-gram bans look at, the repetition penalty's seen
+set and the presence/frequency counts (each bounded by the vocabulary), a
+byte model's unfinished UTF-8 bytes and the text held back for stop strings.
+Any server holding the same secret continues the stream exactly where it
+stopped: N tokens, then M more from the token, are the N+M tokens of one
+uninterrupted request with the same parameters.
 
 Layout: b"RNGS" | version (1 byte) | header length (4 bytes, big-endian) |
-header (JSON) | state arrays (float32, little-endian, in the model's state
-order) | HMAC-SHA256 of everything before it (32 bytes). The signature is
-checked, in constant time, before any other byte is read: a tampered or
+header (JSON, naming the arrays that follow) | arrays (little-endian, in
+header order) | HMAC-SHA256 of everything before it (32 bytes). The signature
+is checked, in constant time, before any other byte is read: a tampered or
 foreign token is refused without being parsed.
 """
 
@@ -22,28 +25,29 @@ import hmac
 import json
 import struct
 import time
-from dataclasses import dataclass
 
 import numpy as np
 
+from rnngen.decoding.rows import RowSnapshot
 from rnngen.errors import SessionExpiredError, SessionTokenError
 
 MAGIC = b"RNGS"
-VERSION = 1
+VERSION = 2  # 1: a 64-token history tail and no penalty or stop state (could not resume exactly)
 MAC_BYTES = 32
-HISTORY_TAIL = 64
 DEFAULT_TTL_S = 24 * 3600
+_DTYPES = {"f4": "<f4", "i4": "<i4", "i8": "<i8"}
 
 
-@dataclass
-class SessionState:
-    model_id: str  # which model file the state belongs to (hash of its bytes)
-    state: dict[str, np.ndarray]  # each (layers, 1, hidden) float32
-    pending_token: int  # sampled last, not yet fed to the model
-    rng_state: dict  # numpy PCG64 state
-    decoder_pending: bytes  # unfinished UTF-8 bytes of a byte-level stream
-    history_tail: list[int]
-    generated_before: int  # tokens generated in the session so far
+def _arrays(s: RowSnapshot, state_names: tuple[str, ...]) -> dict[str, tuple[str, np.ndarray]]:
+    """The snapshot's arrays by name, with their on-the-wire dtype."""
+    arrays = {f"state.{name}": ("f4", s.state[name]) for name in state_names}
+    arrays["window"] = ("i4", np.asarray(s.window))
+    if s.seen is not None:
+        arrays["seen"] = ("i4", np.asarray(s.seen))
+    if s.counts is not None:
+        arrays["count_tokens"] = ("i4", np.asarray(list(s.counts.keys())))
+        arrays["count_values"] = ("i8", np.asarray(list(s.counts.values())))
+    return arrays
 
 
 class SessionCodec:
@@ -56,21 +60,21 @@ class SessionCodec:
     def _mac(self, data: bytes) -> bytes:
         return hmac.new(self._secret, data, hashlib.sha256).digest()
 
-    def encode(self, s: SessionState, state_names: tuple[str, ...], now: float | None = None) -> bytes:
+    def encode(self, model_id: str, s: RowSnapshot, state_names: tuple[str, ...], now: float | None = None) -> bytes:
         now = time.time() if now is None else now
-        shapes = {name: list(s.state[name].shape) for name in state_names}
+        arrays = _arrays(s, state_names)
         header = {
-            "model": s.model_id, "issued": int(now), "expires": int(now + self.ttl_s), "states": list(state_names),
-            "shapes": shapes, "pending": int(s.pending_token), "rng": s.rng_state,
-            "decoder": s.decoder_pending.hex(), "history": [int(t) for t in s.history_tail[-HISTORY_TAIL:]],
-            "generated": int(s.generated_before),
+            "model": model_id, "issued": int(now), "expires": int(now + self.ttl_s), "states": list(state_names),
+            "arrays": [[name, dtype, list(np.shape(value))] for name, (dtype, value) in arrays.items()],
+            "pending": int(s.pending_token), "rng": s.rng_state, "generated": int(s.generated),
+            "logprob": float(s.logprob), "decoder": s.decoder_pending.hex(), "stop_pending": s.stop_pending,
         }
         head = json.dumps(header, separators=(",", ":")).encode()
-        body = b"".join(np.ascontiguousarray(s.state[name], dtype="<f4").tobytes() for name in state_names)
+        body = b"".join(np.ascontiguousarray(value, dtype=_DTYPES[dtype]).tobytes() for dtype, value in arrays.values())
         data = MAGIC + bytes([VERSION]) + struct.pack(">I", len(head)) + head + body
         return data + self._mac(data)
 
-    def decode(self, token: bytes, model_id: str, state_names: tuple[str, ...], now: float | None = None) -> SessionState:
+    def decode(self, token: bytes, model_id: str, state_names: tuple[str, ...], now: float | None = None) -> RowSnapshot:
         if len(token) < len(MAGIC) + 5 + MAC_BYTES or not token.startswith(MAGIC):
             raise SessionTokenError("session: not an rnngen session token")
         data, mac = token[:-MAC_BYTES], token[-MAC_BYTES:]
@@ -78,7 +82,8 @@ class SessionCodec:
             raise SessionTokenError("session: signature does not match (tampered, or issued by a server with another secret)")
         # Signed by a server holding our secret: from here on the content is ours.
         if data[4] != VERSION:
-            raise SessionTokenError(f"session: token version {data[4]} is not supported (expected {VERSION})")
+            raise SessionTokenError(f"session: token format {data[4]} is from another rnngen version (this server reads "
+                                    f"format {VERSION}); start a new stream from the text instead")
         (head_len,) = struct.unpack(">I", data[5:9])
         header = json.loads(data[9 : 9 + head_len])
         now = time.time() if now is None else now
@@ -89,23 +94,28 @@ class SessionCodec:
         if tuple(header["states"]) != tuple(state_names):
             raise SessionTokenError("session: token's state layout does not match the model")
         body = data[9 + head_len :]
-        state, offset = {}, 0
-        for name in state_names:
-            shape = tuple(header["shapes"][name])
+        arrays, offset = {}, 0
+        for name, dtype, shape in header["arrays"]:
+            wire = np.dtype(_DTYPES[dtype])
             count = int(np.prod(shape))
-            state[name] = np.frombuffer(body, dtype="<f4", count=count, offset=offset).reshape(shape).astype(np.float32)
-            offset += count * 4
-        return SessionState(header["model"], state, header["pending"], header["rng"], bytes.fromhex(header["decoder"]),
-                            header["history"], header["generated"])
+            arrays[name] = np.frombuffer(body, dtype=wire, count=count, offset=offset).reshape(shape)
+            offset += count * wire.itemsize
+        counts = None
+        if "count_tokens" in arrays:
+            counts = dict(zip(arrays["count_tokens"].tolist(), arrays["count_values"].tolist()))
+        return RowSnapshot(
+            state={name: arrays[f"state.{name}"].astype(np.float32) for name in state_names},
+            pending_token=header["pending"], rng_state=_checked_rng(header["rng"]), generated=header["generated"],
+            logprob=header["logprob"], window=arrays["window"].tolist(),
+            seen=arrays["seen"].tolist() if "seen" in arrays else None, counts=counts,
+            decoder_pending=bytes.fromhex(header["decoder"]), stop_pending=header["stop_pending"])
 
 
 def model_identity(model_bytes: bytes) -> str:
     return hashlib.sha256(model_bytes).hexdigest()[:32]
 
 
-def rng_from_state(state: dict) -> np.random.Generator:
+def _checked_rng(state: dict) -> dict:
     if state.get("bit_generator") != "PCG64":
         raise SessionTokenError("session: unsupported random generator")
-    bit_generator = np.random.PCG64()
-    bit_generator.state = state
-    return np.random.Generator(bit_generator)
+    return state
