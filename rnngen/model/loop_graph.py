@@ -31,6 +31,16 @@ OPSET = 17
 IR_VERSION = 8  # IR version that goes with opset 17; readable by onnxruntime >= 1.13
 TOKENS = "tokens"
 LOGITS = "logits"
+# Names of the weights inside the graph (derived graphs read them back: rnngen.model.fused_graph).
+EMBEDDING = "embedding"  # (V, I): only where layer 0 has no input table
+DECODER_W_T = "decoder_w_t"  # (H, V)
+DECODER_B = "decoder_b"  # (V,)
+INPUT_TABLE, W_IH_T, B_IN, W_HH_T, B_HH = "input_table", "w_ih_t", "b_in", "w_hh_t", "b_hh"
+
+
+def layer_weight(k: int, part: str) -> str:
+    """Layer k's weight `part`: input_table (V, G*H), w_ih_t (I, G*H), b_in, w_hh_t (H, G*H), b_hh (GRU)."""
+    return f"l{k}_{part}"
 
 
 def state_output_name(state_name: str) -> str:
@@ -166,14 +176,14 @@ def build_model(config: ModelConfig, weights: dict[str, np.ndarray], metadata: d
         b_in = b_ih if config.cell == "gru" else b_ih + b_hh
         if k == 0 and _fold_embedding(config):
             table = w["embedding.weight"] @ w_ih.T + b_in  # (V, G*H)
-            xp = g.node("Gather", [g.const(p + "input_table", table), tokens_tb], p + "xp")
+            xp = g.node("Gather", [g.const(layer_weight(k, INPUT_TABLE), table), tokens_tb], p + "xp")
         else:
             if k == 0:
-                layer_input = g.node("Gather", [g.const("embedding", w["embedding.weight"]), tokens_tb], "embedded")
-            proj = g.node("MatMul", [layer_input, g.const(p + "w_ih_t", w_ih.T)], p + "proj")
-            xp = g.node("Add", [proj, g.const(p + "b_in", b_in)], p + "xp")  # (T, B, G*H)
-        whh_t = g.const(p + "w_hh_t", w_hh.T)  # (H, G*H)
-        bhh = g.const(p + "b_hh", b_hh) if config.cell == "gru" else ""
+                layer_input = g.node("Gather", [g.const(EMBEDDING, w["embedding.weight"]), tokens_tb], "embedded")
+            proj = g.node("MatMul", [layer_input, g.const(layer_weight(k, W_IH_T), w_ih.T)], p + "proj")
+            xp = g.node("Add", [proj, g.const(layer_weight(k, B_IN), b_in)], p + "xp")  # (T, B, G*H)
+        whh_t = g.const(layer_weight(k, W_HH_T), w_hh.T)  # (H, G*H)
+        bhh = g.const(layer_weight(k, B_HH), b_hh) if config.cell == "gru" else ""
         body = _recurrent_body(config, k, xp, whh_t, bhh, split)
 
         layer_idx = g.const(p + "idx", np.array(k, dtype=np.int64))
@@ -186,8 +196,8 @@ def build_model(config: ModelConfig, weights: dict[str, np.ndarray], metadata: d
 
     out_bth = g.node("Transpose", [layer_input], "top_bth", perm=[1, 0, 2])  # (B, T, H)
     dec = w["embedding.weight"] if config.tied else w["decoder.weight"]  # (V, H)
-    dec_mm = g.node("MatMul", [out_bth, g.const("decoder_w_t", dec.T)], "decoder_mm")
-    g.node("Add", [dec_mm, g.const("decoder_b", w["decoder.bias"])], LOGITS)  # (B, T, V)
+    dec_mm = g.node("MatMul", [out_bth, g.const(DECODER_W_T, dec.T)], "decoder_mm")
+    g.node("Add", [dec_mm, g.const(DECODER_B, w["decoder.bias"])], LOGITS)  # (B, T, V)
 
     for s in states:
         parts = [g.node("Unsqueeze", [f, g.const(f"{f}_axis", np.array([0], np.int64))], f + "_3d") for f in finals[s]]

@@ -1,9 +1,13 @@
 """An rnngen model on onnxruntime, run with explicit state (no torch here).
 
-`RnnModel` holds two sessions made from one file: the Loop graph, which takes a
+`RnnModel` holds sessions made from one file: the Loop graph, which takes a
 whole prompt in one call (`run`, `prefill`), and the loop-free step graph derived
 from it with a sampling head (`step`, `step_sample`), which decoding calls once
-per token. `BoundStepper` runs the step graph with the state kept on the device.
+per token. Where the runtime has a fused kernel that beats the Loop (see
+FUSED_RUN_CELLS), `run` goes through a graph of standard ONNX LSTM/GRU/RNN ops
+derived from the same weights instead (rnngen.model.fused_graph); the Loop graph
+stays the file's canonical graph. `BoundStepper` runs the step graph with the
+state kept on the device.
 """
 
 from __future__ import annotations
@@ -15,9 +19,17 @@ import numpy as np
 from rnngen.errors import DeviceError, InvalidParameterError, ModelFormatError
 from rnngen.model.devices import CUDA_PROVIDER, SessionOptions, ort_session_options, select_providers
 from rnngen.model.file import ModelFile, read_model_file
+from rnngen.model.fused_graph import agrees_with, derive_fused_model
 from rnngen.model.tokenizers import TokenizerKinds
 from rnngen.model.loop_graph import LOGITS, TOKENS, state_output_name
 from rnngen.model.step_graph import LOG_Z, NEXT_TOKEN, SAMPLE_GREEDY, SAMPLE_INV_TEMPERATURE, SAMPLE_UNIFORM, add_sampling_head, derive_step_model
+
+# Cells whose whole-sequence calls (`run`, `prefill`) go through the fused-op graph, per device.
+# Measured (benchmarks/decode.py, prefill of 1,000 tokens): on an H100 the CUDA provider's fused
+# LSTM (cuDNN) is 9x faster than the Loop graph, whose control runs on the host; on a 2-core CPU the
+# fused LSTM is ~1.2x faster, the fused GRU no faster, the fused RNN ~1.1x slower than the Loop.
+# Single steps keep the plain step graph on every device (the fused op at time 1 is slower on the CPU).
+FUSED_RUN_CELLS = {"cuda": ("lstm", "gru", "rnn"), "cpu": ("lstm",)}
 
 
 class RnnModel:
@@ -43,12 +55,32 @@ class RnnModel:
         except Exception as exc:  # onnxruntime raises its own exception types
             raise ModelFormatError(f"{model_file.path}: onnxruntime cannot load the graph: {exc}") from None
         self.providers = self.session.get_providers()
-        # Decoding steps go through the loop-free step graph derived from the same file, with
-        # temperature sampling of the next token added inside it (rows that need more use the logits).
-        step_proto = add_sampling_head(derive_step_model(full_proto(model_file)), self.config.vocab_size)
-        self.step_session = ort.InferenceSession(step_proto.SerializeToString(), sess_options=so, providers=self.providers)
         if device == "cuda" and CUDA_PROVIDER not in self.providers:
             raise DeviceError("--device cuda: onnxruntime did not enable the CUDA provider for this model")
+        proto = full_proto(model_file)
+        # Decoding steps go through the loop-free step graph derived from the same file, with
+        # temperature sampling of the next token added inside it (rows that need more use the logits).
+        step_proto = add_sampling_head(derive_step_model(proto), self.config.vocab_size)
+        self.step_session = ort.InferenceSession(step_proto.SerializeToString(), sess_options=so, providers=self.providers)
+        self.run_session = self.session
+        if self.config.cell in FUSED_RUN_CELLS[self.device]:
+            self.run_session = self._fused_session(proto, so) or self.session
+
+    def _fused_session(self, proto, so):
+        """The fused-op graph's session, or None where the file's graph does not yield one that agrees."""
+        import onnxruntime as ort
+
+        try:
+            fused = derive_fused_model(proto, self.config)
+            session = ort.InferenceSession(fused.SerializeToString(), sess_options=so, providers=self.providers)
+        except Exception:  # NotDerivable, or onnxruntime refusing the graph (it raises its own types)
+            return None
+        return session if agrees_with(session, self.session, self.config) else None
+
+    @property
+    def uses_fused_run(self) -> bool:
+        """Whether `run` and `prefill` go through the fused-op graph (else the Loop graph)."""
+        return self.run_session is not self.session
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: str = "auto", options: SessionOptions | None = None,
@@ -66,7 +98,7 @@ class RnnModel:
         return {s: np.zeros(shape, dtype=np.float32) for s in self.state_names}
 
     def prefill(self, prompt_ids: list[int]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        """A prompt through the Loop graph from the zero state: next-token logits (1, V) and the state after it."""
+        """A prompt from the zero state (one `run`): next-token logits (1, V) and the state after it."""
         if not prompt_ids:
             raise InvalidParameterError("prompt: no tokens to start from")
         logits, state = self.run(np.asarray([prompt_ids], dtype=np.int64), self.initial_state(1))
@@ -76,7 +108,7 @@ class RnnModel:
         """logits (B, T, V) and the state after the last of T tokens, from tokens (B, T)."""
         feeds = {TOKENS: tokens}
         feeds.update(state)
-        logits, *new_state = self.session.run(self._outputs, feeds)
+        logits, *new_state = self.run_session.run(self._outputs, feeds)
         return logits, dict(zip(self.state_names, new_state))
 
     def step(self, tokens: np.ndarray, state: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
