@@ -60,7 +60,7 @@ class RnnModel:
         proto = full_proto(model_file)
         # Decoding steps go through the loop-free step graph derived from the same file, with
         # temperature sampling of the next token added inside it (rows that need more use the logits).
-        step_proto = add_sampling_head(derive_step_model(proto), self.config.vocab_size)
+        step_proto = sampled_step_proto(proto, self.config.vocab_size)
         self.step_session = ort.InferenceSession(step_proto.SerializeToString(), sess_options=so, providers=self.providers)
         self.run_session = self.session
         if self.config.cell in FUSED_RUN_CELLS[self.device]:
@@ -145,6 +145,11 @@ def sampling_feeds(batch: int, temperature: np.ndarray | None = None, uniform: n
     if uniform is None:
         uniform = np.zeros(batch, dtype=np.float32)
     return {SAMPLE_INV_TEMPERATURE: inv, SAMPLE_GREEDY: greedy, SAMPLE_UNIFORM: uniform.reshape(-1, 1)}
+
+
+def sampled_step_proto(proto, vocab_size: int):
+    """The loop-free step graph with its sampling head, derived from the model's ModelProto."""
+    return add_sampling_head(derive_step_model(proto), vocab_size)
 
 
 def full_proto(model_file: ModelFile):
