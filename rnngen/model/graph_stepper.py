@@ -131,16 +131,17 @@ class SlotStepper:
     state back on the host), `read_logits` (only when a row needs them). Arrays passed to and
     returned by `step` are indexed by slot and have `rows` entries (slots past the highest used
     one are not stepped; unused slots below it are padding whose values are ignored).
+    `cuda_graphs=False` keeps the same bindings on CUDA without capture (to measure what it buys).
     """
 
-    def __init__(self, model: RnnModel, capacity: int, device_id: int = 0):
+    def __init__(self, model: RnnModel, capacity: int, device_id: int = 0, cuda_graphs: bool = True):
         if capacity < 1:
             raise InvalidParameterError(f"capacity: {capacity} is not a positive number of slots")
         self.model = model
         self.capacity = capacity
         self.device_type = "cuda" if model.device == "cuda" else "cpu"
         self.device_id = device_id
-        self.step_session, self.captures = self._step_session()
+        self.step_session, self.captures = self._step_session(cuda_graphs)
         gather, scatter = slot_ops_models(model.state_names, model.config.num_layers, model.config.hidden_size)
         self._gather_session = self._plain_session(gather)
         self._scatter_session = self._plain_session(scatter)
@@ -156,13 +157,13 @@ class SlotStepper:
 
     # -- sessions and buffers ------------------------------------------------------------------
 
-    def _step_session(self):
+    def _step_session(self, cuda_graphs: bool):
         """On CUDA a session of its own with CUDA graphs on (it holds no Loop); on the CPU the model's."""
         import onnxruntime as ort
 
         if self.device_type != "cuda":
             return self.model.step_session, False
-        options = {"device_id": str(self.device_id), "enable_cuda_graph": "1"}
+        options = {"device_id": str(self.device_id), "enable_cuda_graph": "1" if cuda_graphs else "0"}
         proto = sampled_step_proto(full_proto(self.model.file), self.model.config.vocab_size)
         session = ort.InferenceSession(proto.SerializeToString(), sess_options=ort_session_options(),
                                        providers=[(CUDA_PROVIDER, options)])
