@@ -134,13 +134,12 @@ class SlotStepper:
     `cuda_graphs=False` keeps the same bindings on CUDA without capture (to measure what it buys).
     """
 
-    def __init__(self, model: RnnModel, capacity: int, device_id: int = 0, cuda_graphs: bool = True):
+    def __init__(self, model: RnnModel, capacity: int, cuda_graphs: bool = True):
         if capacity < 1:
             raise InvalidParameterError(f"capacity: {capacity} is not a positive number of slots")
         self.model = model
         self.capacity = capacity
-        self.device_type = "cuda" if model.device == "cuda" else "cpu"
-        self.device_id = device_id
+        self.device_type = "cuda" if model.device == "cuda" else "cpu"  # device 0, as the model's sessions
         self.step_session, self.captures = self._step_session(cuda_graphs)
         gather, scatter = slot_ops_models(model.state_names, model.config.num_layers, model.config.hidden_size)
         self._gather_session = self._plain_session(gather)
@@ -150,6 +149,7 @@ class SlotStepper:
         self._bucket: _Bucket | None = None
         self._parity = 0
         self._used = np.zeros(capacity, dtype=bool)
+        self._rows = 0  # one past the highest used slot
         # Each slot's sampling parameters (padding: greedy), written to the device when changed.
         self._inv_temperature = np.ones((capacity, 1), np.float32)
         self._greedy = np.ones(capacity, dtype=bool)
@@ -163,7 +163,7 @@ class SlotStepper:
 
         if self.device_type != "cuda":
             return self.model.step_session, False
-        options = {"device_id": str(self.device_id), "enable_cuda_graph": "1" if cuda_graphs else "0"}
+        options = {"enable_cuda_graph": "1" if cuda_graphs else "0"}
         proto = sampled_step_proto(full_proto(self.model.file), self.model.config.vocab_size)
         session = ort.InferenceSession(proto.SerializeToString(), sess_options=ort_session_options(),
                                        providers=[(CUDA_PROVIDER, options)])
@@ -178,7 +178,7 @@ class SlotStepper:
     def _device_value(self, shape: tuple[int, ...], dtype):
         import onnxruntime as ort
 
-        return ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, self.device_type, self.device_id)
+        return ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, self.device_type, 0)
 
     def _bucket_for(self, rows: int) -> _Bucket:
         index = next(i for i, size in enumerate(self._sizes) if size >= max(rows, 1))
@@ -191,8 +191,12 @@ class SlotStepper:
     @property
     def rows(self) -> int:
         """Slots stepped and reported: one past the highest used slot."""
-        used = np.flatnonzero(self._used)
-        return int(used[-1]) + 1 if len(used) else 0
+        return self._rows
+
+    def _set_used(self, slots, used: bool) -> None:
+        self._used[slots] = used
+        occupied = np.flatnonzero(self._used)
+        self._rows = int(occupied[-1]) + 1 if len(occupied) else 0
 
     @property
     def bucket_size(self) -> int:
@@ -248,7 +252,7 @@ class SlotStepper:
         slots = self._check_slots(slots)
         if not len(slots):
             return
-        self._used[slots] = True
+        self._set_used(slots, True)
         self._fit_bucket()
         binding = self._scatter_session.io_binding()
         for s, value in self._state_values().items():
@@ -272,7 +276,7 @@ class SlotStepper:
     def free(self, slots) -> None:
         """Rows leave: their slots become padding and may be handed out again."""
         slots = self._check_slots(slots)
-        self._used[slots] = False
+        self._set_used(slots, False)
         self._greedy[slots], self._inv_temperature[slots] = True, 1.0
         self._sampling_dirty = True
         if self._bucket is not None and self.rows:
@@ -287,8 +291,8 @@ class SlotStepper:
         if len(order) > self.capacity:
             raise OverloadedError(f"gather: {len(order)} rows do not fit in {self.capacity} slots")
         greedy, inv = self._greedy[order].copy(), self._inv_temperature[order].copy()
-        self._used[:] = False
-        self._used[: len(order)] = True
+        self._set_used(slice(None), False)
+        self._set_used(slice(0, len(order)), True)
         self._greedy[:] = True
         self._inv_temperature[:] = 1.0
         self._greedy[: len(order)], self._inv_temperature[: len(order)] = greedy, inv
