@@ -27,9 +27,10 @@ from rnngen.model.step_graph import LOG_Z, NEXT_TOKEN, SAMPLE_GREEDY, SAMPLE_INV
 # Cells whose whole-sequence calls (`run`, `prefill`) go through the fused-op graph, per device.
 # Measured (benchmarks/decode.py, prefill of 1,000 tokens): on an H100 the CUDA provider's fused
 # LSTM (cuDNN) is 9x faster than the Loop graph, whose control runs on the host; on a 2-core CPU the
-# fused LSTM is ~1.2x faster, the fused GRU no faster, the fused RNN ~1.1x slower than the Loop.
-# Single steps keep the plain step graph on every device (the fused op at time 1 is slower on the CPU).
-FUSED_RUN_CELLS = {"cuda": ("lstm", "gru", "rnn"), "cpu": ("lstm",)}
+# shipped models' fused LSTM is 1.2-1.3x and fused GRU 1.4-1.5x faster, the fused RNN 1.1-1.2x slower.
+# Single steps keep the plain step graph on every device (the fused op at time 1 gains nothing on the CPU;
+# CUDA: benchmarks/decode.py measures it).
+FUSED_RUN_CELLS = {"cuda": ("lstm", "gru", "rnn"), "cpu": ("lstm", "gru")}
 
 
 class RnnModel:
