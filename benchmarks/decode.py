@@ -16,6 +16,17 @@ For each model (weights made once, shared by every contender):
   6. peak memory (RSS) of prefilling a 200,000-character prompt vs a 100-character one, each
      in a fresh process; baseline: the whole prompt in one Loop call with every position's
      logits (as before chunked prefill), at 20,000 characters                [target <= 300 MB]
+Device paths (issue 13), for every batch size, side by side in the same run:
+  7. the slot stepper (rnngen.model.graph_stepper: bound buckets, uniforms in and tokens out
+     every step; CUDA graphs on CUDA) vs the bare bound step: the plain step graph, fixed batch,
+     every input and output an OrtValue at a fixed address, state ping-pong, on CUDA one captured
+     graph per parity, nothing copied per step                                 [target <= 1.5x at batch 1]
+  8. the fused ONNX LSTM op at time 1 as the bare bound step vs the plain step graph
+  9. on CUDA: PyTorch with CUDA graphs (cuDNN LSTM step + Gumbel-max sampling, tokens fed back
+     on the device; with and without reading them back each step) vs the bare bound step
+  10. prefill of 1,000 tokens: rnngen's Loop graph vs the fused-op graph derived from it
+     (rnngen.model.fused_graph), and which one RnnModel.prefill uses here      [target <= 1.3x];
+     also for the shipped LSTM, GRU and RNN files themselves (--prefill-models)
 Timings interleave the contenders in blocks and report medians. PyTorch runs in a
 subprocess (onnxruntime's spinning threads slow torch down in the same process).
 Needs the train extra (torch) for the PyTorch baseline and to make the weights.
@@ -189,10 +200,11 @@ def bench_model(label: str, path: Path, config, weights, device: str, batches: l
                 _, state = model.step(prompt[:, t], state)
 
         res = interleave({"loop": loop_prefill, "fused": fused_prefill, "stepped": stepped_prefill}, 3 if quick else 7)
-        lines.append(f"{label} | prefill 1000 tokens | Loop graph {res['loop'] * 1e3:.1f} ms vs fused LSTM op "
+        graph = "fused-op" if model.uses_fused_run else "Loop"  # what RnnModel.run uses here
+        lines.append(f"{label} | prefill 1000 tokens | rnngen ({graph} graph) {res['loop'] * 1e3:.1f} ms vs fused LSTM op "
                      f"{res['fused'] * 1e3:.1f} ms | ratio {res['loop'] / res['fused']:.2f}x (target <= 1.3x)")
-        lines.append(f"{label} | prefill 1000 tokens | stepping {res['stepped'] * 1e3:.1f} ms vs Loop graph "
-                     f"{res['loop'] * 1e3:.1f} ms | Loop {res['stepped'] / res['loop']:.2f}x faster (target >= 3x)")
+        lines.append(f"{label} | prefill 1000 tokens | stepping {res['stepped'] * 1e3:.1f} ms vs rnngen ({graph} graph) "
+                     f"{res['loop'] * 1e3:.1f} ms | one call {res['stepped'] / res['loop']:.2f}x faster (target >= 3x)")
 
     # 4. many rows at once.
     for batch in batches:
@@ -284,6 +296,214 @@ def prefill_memory(path: Path, label: str) -> list[str]:
             f"over 100 chars ({(base_long - base_short) / 19.9:,.1f} KB per char)"]
 
 
+def bound_step(proto, model, batch: int, device: str):
+    """The bare bound step: fixed batch, every input/output an OrtValue at a fixed address, state
+    ping-pong between two buffers, tokens left on the device; on CUDA one captured graph per parity."""
+    import onnxruntime as ort
+
+    from rnngen.model.devices import CUDA_PROVIDER, ort_session_options
+    from rnngen.model.loop_graph import state_output_name
+
+    providers = [(CUDA_PROVIDER, {"enable_cuda_graph": "1"})] if device == "cuda" else ["CPUExecutionProvider"]
+    session = ort.InferenceSession(proto.SerializeToString(), ort_session_options(), providers=providers)
+    dev = "cuda" if device == "cuda" else "cpu"
+
+    def value(array):
+        return ort.OrtValue.ortvalue_from_numpy(array, dev, 0)
+
+    cfg = model.config
+    feeds = {"tokens": value(np.ones((batch, 1), np.int64))}
+    graph_inputs = {i.name for i in session.get_inputs()}
+    if "inv_temperature" in graph_inputs:  # a graph with the sampling head
+        feeds.update(inv_temperature=value(np.full((batch, 1), 1.25, np.float32)), greedy=value(np.zeros(batch, bool)),
+                     uniform=value(np.full((batch, 1), 0.5, np.float32)))
+    states = [{s: value(np.zeros((cfg.num_layers, batch, cfg.hidden_size), np.float32)) for s in model.state_names}
+              for _ in range(2)]
+    bindings, options = [], []
+    for parity in (0, 1):
+        binding = session.io_binding()
+        for name, v in feeds.items():
+            binding.bind_ortvalue_input(name, v)
+        for out in session.get_outputs():
+            if out.name not in {state_output_name(s) for s in model.state_names}:
+                shape = [batch if not isinstance(d, int) else d for d in out.shape]
+                shape = [1 if (i == 1 and len(shape) == 3) else d for i, d in enumerate(shape)]  # time = 1
+                dtype = np.int64 if "int64" in out.type else np.float32
+                binding.bind_ortvalue_output(out.name, ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, dev, 0))
+        for s in model.state_names:
+            binding.bind_ortvalue_input(s, states[parity][s])
+            binding.bind_ortvalue_output(state_output_name(s), states[1 - parity][s])
+        bindings.append(binding)
+        run_options = ort.RunOptions()
+        run_options.add_run_config_entry("gpu_graph_id", str(parity))
+        options.append(run_options)
+
+    def steps(n: int):
+        for i in range(n):
+            session.run_with_iobinding(bindings[i % 2], options[i % 2])
+        if n % 2:  # keep the parity even between blocks
+            session.run_with_iobinding(bindings[1], options[1])
+    return steps
+
+
+def stepper_steps(model, batch: int):
+    """The slot stepper with `batch` rows at temperature 0.8: tokens and uniforms in, tokens out."""
+    from rnngen.model.graph_stepper import SlotStepper
+
+    stepper = SlotStepper(model, capacity=batch)
+    stepper.write_rows(stepper.allocate(batch), model.initial_state(batch), np.full(batch, 0.8, np.float32))
+    rng = np.random.default_rng(0)
+    tokens = np.ones(batch, np.int64)
+
+    def steps(n: int):
+        nonlocal tokens
+        for _ in range(n):
+            tokens = stepper.step(tokens, rng.random(batch, dtype=np.float32))
+    return stepper, steps
+
+
+def bench_device_paths(label: str, path: Path, config, weights, device: str, batches: list[int], quick: bool) -> list[str]:
+    import onnx
+
+    from rnngen.model.fused_graph import derive_fused_model
+    from rnngen.model.runtime import RnnModel
+    from rnngen.model.step_graph import derive_step_model
+
+    model = RnnModel.load(path, device=device)
+    proto = onnx.load(str(path))
+    plain_step, fused = derive_step_model(proto), derive_fused_model(proto, config)
+    block = 100 if quick else 300
+    rounds = 5 if quick else 15
+    lines = []
+    for batch in batches:
+        contenders = {"bare": bound_step(plain_step, model, batch, device)}
+        stepper, contenders["stepper"] = stepper_steps(model, batch)
+        try:  # whether cuDNN's fused step can be captured in a CUDA graph is part of the question
+            contenders["fused"] = bound_step(fused, model, batch, device)
+            contenders["fused"](4)
+        except Exception as exc:  # onnxruntime raises its own exception types
+            contenders.pop("fused", None)
+            lines.append(f"{label} | batch {batch} | fused LSTM op at time 1: does not run bound here ({str(exc)[:200]})")
+        for fn in contenders.values():
+            fn(4)  # warm up (and capture, on CUDA)
+        res = interleave({k: (lambda fn=fn: fn(block)) for k, fn in contenders.items()},
+                         rounds if batch == 1 else max(3, rounds // 3))
+        per = {k: v / block for k, v in res.items()}
+        capture = "CUDA graphs" if stepper.captures else "no capture"
+        if batch == 1:
+            lines.append(f"{label} | batch 1 per token | slot stepper ({capture}) {per['stepper'] * 1e6:.1f} us vs bare bound "
+                         f"step {per['bare'] * 1e6:.1f} us | ratio {per['stepper'] / per['bare']:.2f}x (target <= 1.5x)")
+        else:
+            lines.append(f"{label} | batch {batch} aggregate | slot stepper ({capture}) {batch / per['stepper']:,.0f} tok/s vs "
+                         f"bare bound step {batch / per['bare']:,.0f} tok/s | ratio {per['bare'] / per['stepper']:.2f}x")
+        if "fused" in per:
+            lines.append(f"{label} | batch {batch} | fused LSTM op at time 1 {per['fused'] * 1e6:.1f} us/step vs plain step graph "
+                         f"{per['bare'] * 1e6:.1f} us/step (both bare bound) | fused/plain {per['fused'] / per['bare']:.2f}x")
+        if device == "cuda":
+            graph_us, read_us = torch_graph_per_step(config, weights, batch, block, rounds)
+            lines.append(f"{label} | batch {batch} | PyTorch CUDA graph step+Gumbel-max {graph_us:.1f} us/step "
+                         f"({read_us:.1f} with tokens read back each step) vs bare bound step {per['bare'] * 1e6:.1f} us | "
+                         f"stepper/PyTorch-read-back {per['stepper'] * 1e6 / read_us:.2f}x")
+
+    lines.append(prefill_line(label, model, fused, quick))
+    return lines
+
+
+def prefill_line(label: str, model, fused_proto, quick: bool) -> str:
+    """Prefill of 1,000 tokens: the Loop graph vs the fused-op graph derived from it."""
+    import onnxruntime as ort
+
+    from rnngen.model.devices import ort_session_options
+
+    config = model.config
+    prompt = np.random.default_rng(0).integers(0, config.vocab_size, (1, 1000))
+    zeros = model.initial_state(1)
+    fused = model.run_session if model.uses_fused_run else ort.InferenceSession(
+        fused_proto.SerializeToString(), ort_session_options(), providers=model.providers)
+    outputs = [o.name for o in model.session.get_outputs()]
+    res = interleave({"loop": lambda: model.session.run(outputs, {"tokens": prompt, **zeros}),
+                      "fused": lambda: fused.run(outputs, {"tokens": prompt, **zeros})}, 3 if quick else 7)
+    used = "fused" if model.uses_fused_run else "loop"
+    return (f"{label} | prefill 1000 tokens | Loop graph {res['loop'] * 1e3:.1f} ms vs derived fused-op graph "
+            f"{res['fused'] * 1e3:.1f} ms | Loop/fused {res['loop'] / res['fused']:.2f}x; RnnModel.prefill uses the {used} "
+            f"graph ({res[used] / res['fused']:.2f}x the fused op, target <= 1.3x)")
+
+
+def bench_shipped_prefill(paths: list[str], device: str, quick: bool) -> list[str]:
+    import onnx
+
+    from rnngen.model.fused_graph import derive_fused_model
+    from rnngen.model.runtime import RnnModel
+
+    lines = []
+    for path in paths:
+        model = RnnModel.load(path, device=device)
+        c = model.config
+        label = f"{Path(path).name} ({c.cell} {c.num_layers}x{c.hidden_size})"
+        lines.append(prefill_line(label, model, derive_fused_model(onnx.load(path), c), quick))
+    return lines
+
+
+def torch_graph_per_step(config, weights, batch: int, block: int, rounds: int) -> tuple[float, float]:
+    """us per step of PyTorch's CUDA-graph step: tokens kept on the device, and read back every step."""
+    with tempfile.TemporaryDirectory() as tmp:
+        np.savez(Path(tmp) / "w.npz", **weights)
+        cmd = [sys.executable, __file__, "--torch-graph-worker", json.dumps(config.to_dict()), str(Path(tmp) / "w.npz"),
+               str(batch), str(block), str(rounds)]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    on_device, read_back = out.stdout.strip().splitlines()[-1].split()
+    return float(on_device), float(read_back)
+
+
+def torch_graph_worker(config_json: str, weights_path: str, batch: int, block: int, rounds: int) -> None:
+    """PyTorch's best: one cuDNN step (nn.LSTM), temperature 0.8 and Gumbel-max sampling, captured
+    in a CUDA graph; the drawn tokens feed the next step on the device. Prints us per step without
+    and with reading the tokens back every step, interleaved."""
+    import torch
+
+    from rnngen.model.config import ModelConfig
+    from rnngen.training.model import RNNLanguageModel
+
+    config = ModelConfig.from_dict(json.loads(config_json))
+    model = RNNLanguageModel(config)
+    data = np.load(weights_path)
+    model.load_weights({k: torch.from_numpy(data[k]) for k in data.files})
+    dev = torch.device("cuda")
+    model = model.to(dev).eval()
+    token = torch.ones((batch, 1), dtype=torch.long, device=dev)
+    state = model.initial_state(batch, device=dev)
+
+    def step():
+        logits, new_state = model(token, state)
+        noise = -torch.log(-torch.log(torch.rand_like(logits[:, -1]).clamp_min_(1e-20)))
+        token.copy_((logits[:, -1] / 0.8 + noise).argmax(-1, keepdim=True))
+        for s, n in zip(state, new_state):
+            s.copy_(n)
+
+    with torch.no_grad():
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                step()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+        per_block = {False: [], True: []}
+        for _ in range(rounds):
+            for read_back in per_block:
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                for _ in range(block):
+                    graph.replay()
+                    if read_back:
+                        token.view(-1).cpu()
+                torch.cuda.synchronize()
+                per_block[read_back].append((time.perf_counter() - t0) / block)
+    print(*(statistics.median(v) * 1e6 for v in per_block.values()))
+
+
 def torch_eager_per_token(config, weights, block: int, rounds: int, device: str) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         np.savez(Path(tmp) / "w.npz", **weights)
@@ -330,9 +550,13 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--batches", default="1,64", help="comma-separated batch sizes for aggregate throughput")
     parser.add_argument("--quick", action="store_true", help="fewer rounds (a smoke run, not for quoting)")
-    parser.add_argument("--only", choices=["speed", "host", "memory"], help="run one part: 1-4, 5 or 6")
+    parser.add_argument("--prefill-models", default=",".join(str(ROOT / "exported" / f"{m}.onnx") for m in ("lstm", "gru", "rnn")),
+                        help="model files whose own prefill (Loop vs fused-op graph) is measured with the device paths")
+    parser.add_argument("--only", choices=["speed", "host", "memory", "device"],
+                        help="run one part: speed (1-4), host (5), memory (6) or device (7-10)")
     parser.add_argument("--torch-worker", nargs=5, help=argparse.SUPPRESS)
     parser.add_argument("--prefill-worker", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--torch-graph-worker", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.torch_worker:
         c, w, block, rounds, device = args.torch_worker
@@ -341,6 +565,10 @@ def main() -> None:
     if args.prefill_worker:
         path, chars, mode = args.prefill_worker
         prefill_worker(path, int(chars), mode)
+        return
+    if args.torch_graph_worker:
+        c, w, batch, block, rounds = args.torch_graph_worker
+        torch_graph_worker(c, w, int(batch), int(block), int(rounds))
         return
 
     from rnngen.model.file import read_model_file
@@ -366,8 +594,15 @@ def main() -> None:
             config, weights = make_weights("lstm", layers, hidden, shipped.vocab_size)
             path = Path(tmp) / f"{layers}x{hidden}.onnx"
             write_rnngen_model(path, config, weights)
-            for line in bench_model(label, path, config, weights, args.device, batches, args.quick):
-                print(line, flush=True)
+            if args.only != "device":
+                for line in bench_model(label, path, config, weights, args.device, batches, args.quick):
+                    print(line, flush=True)
+            if args.only != "engine":
+                for line in bench_device_paths(label, path, config, weights, args.device, batches, args.quick):
+                    print(line, flush=True)
+    if args.only != "engine" and args.prefill_models:
+        for line in bench_shipped_prefill(args.prefill_models.split(","), args.device, args.quick):
+            print(line, flush=True)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,16 @@ OPSET = 17
 IR_VERSION = 8  # IR version that goes with opset 17; readable by onnxruntime >= 1.13
 TOKENS = "tokens"
 LOGITS = "logits"
+# Names of the weights inside the graph (derived graphs read them back: rnngen.model.fused_graph).
+EMBEDDING = "embedding"  # (V, I): only where layer 0 has no input table
+DECODER_W_T = "decoder_w_t"  # (H, V)
+DECODER_B = "decoder_b"  # (V,)
+INPUT_TABLE, W_IH_T, B_IN, W_HH_T, B_HH = "input_table", "w_ih_t", "b_in", "w_hh_t", "b_hh"
+
+
+def layer_weight(k: int, part: str) -> str:
+    """Layer k's weight `part`: input_table (V, G*H), w_ih_t (I, G*H), b_in, w_hh_t (H, G*H), b_hh (GRU)."""
+    return f"l{k}_{part}"
 
 
 def state_output_name(state_name: str) -> str:
@@ -107,17 +117,17 @@ def graph_weights(config: ModelConfig, weights: dict[str, np.ndarray]) -> dict[s
         # GRU keeps b_hh inside the loop (b_hn is multiplied by r); the others fold it into the input side.
         b_in = b_ih if config.cell == "gru" else b_ih + b_hh
         if k == 0 and _fold_embedding(config):
-            out[p + "input_table"] = w["embedding.weight"] @ w_ih.T + b_in  # (V, G*H)
+            out[layer_weight(k, INPUT_TABLE)] = w["embedding.weight"] @ w_ih.T + b_in  # (V, G*H)
         else:
             if k == 0:
-                out["embedding"] = w["embedding.weight"]
-            out[p + "w_ih_t"] = w_ih.T
-            out[p + "b_in"] = b_in
-        out[p + "w_hh_t"] = w_hh.T  # (H, G*H)
+                out[EMBEDDING] = w["embedding.weight"]
+            out[layer_weight(k, W_IH_T)] = w_ih.T
+            out[layer_weight(k, B_IN)] = b_in
+        out[layer_weight(k, W_HH_T)] = w_hh.T  # (H, G*H)
         if config.cell == "gru":
-            out[p + "b_hh"] = b_hh
-    out["decoder_w_t"] = (w["embedding.weight"] if config.tied else w["decoder.weight"]).T  # (H, V)
-    out["decoder_b"] = w["decoder.bias"]
+            out[layer_weight(k, B_HH)] = b_hh
+    out[DECODER_W_T] = (w["embedding.weight"] if config.tied else w["decoder.weight"]).T  # (H, V)
+    out[DECODER_B] = w["decoder.bias"]
     return {name: np.array(value, dtype=np.float32, order="C") for name, value in out.items()}
 
 
@@ -232,13 +242,14 @@ def model_structure(config: ModelConfig) -> onnx.ModelProto:
     for k in range(layers):
         p = f"l{k}_"
         if k == 0 and _fold_embedding(config):
-            xp = g.node("Gather", [p + "input_table", tokens_tb], p + "xp")  # (T, B, G*H)
+            xp = g.node("Gather", [layer_weight(k, INPUT_TABLE), tokens_tb], p + "xp")  # (T, B, G*H)
         else:
             if k == 0:
-                layer_input = g.node("Gather", ["embedding", tokens_tb], "embedded")
-            proj = g.node("MatMul", [layer_input, p + "w_ih_t"], p + "proj")
-            xp = g.node("Add", [proj, p + "b_in"], p + "xp")  # (T, B, G*H)
-        body = _recurrent_body(config, k, xp, p + "w_hh_t", p + "b_hh" if config.cell == "gru" else "", split)
+                layer_input = g.node("Gather", [EMBEDDING, tokens_tb], "embedded")
+            proj = g.node("MatMul", [layer_input, layer_weight(k, W_IH_T)], p + "proj")
+            xp = g.node("Add", [proj, layer_weight(k, B_IN)], p + "xp")  # (T, B, G*H)
+        bhh = layer_weight(k, B_HH) if config.cell == "gru" else ""
+        body = _recurrent_body(config, k, xp, layer_weight(k, W_HH_T), bhh, split)
 
         layer_idx = g.const(p + "idx", np.array(k, dtype=np.int64))
         initial = [g.node("Gather", [s, layer_idx], f"{p}{s}0") for s in states]  # (B, H) each
@@ -249,8 +260,8 @@ def model_structure(config: ModelConfig) -> onnx.ModelProto:
         layer_input = p + "ys"  # (T, B, H); feeds the next layer's projection
 
     out_bth = g.node("Transpose", [layer_input], "top_bth", perm=[1, 0, 2])  # (B, T, H)
-    dec_mm = g.node("MatMul", [out_bth, "decoder_w_t"], "decoder_mm")  # decoder (V, H): the embedding when tied
-    g.node("Add", [dec_mm, "decoder_b"], LOGITS)  # (B, T, V)
+    dec_mm = g.node("MatMul", [out_bth, DECODER_W_T], "decoder_mm")  # decoder (V, H): the embedding when tied
+    g.node("Add", [dec_mm, DECODER_B], LOGITS)  # (B, T, V)
 
     for s in states:
         parts = [g.node("Unsqueeze", [f, g.const(f"{f}_axis", np.array([0], np.int64))], f + "_3d") for f in finals[s]]

@@ -1,9 +1,13 @@
 """An rnngen model on onnxruntime, run with explicit state (no torch here).
 
-`RnnModel` holds two sessions made from one file: the Loop graph, which takes a
+`RnnModel` holds sessions made from one file: the Loop graph, which takes a
 whole prompt in one call (`run`, `prefill`), and the loop-free step graph derived
 from it with a sampling head (`step`, `step_sample`), which decoding calls once
-per token. `BoundStepper` runs the step graph with the state kept on the device.
+per token. Where the runtime has a fused kernel that beats the Loop (see
+FUSED_RUN_CELLS), `run` goes through a graph of standard ONNX LSTM/GRU/RNN ops
+derived from the same weights instead (rnngen.model.fused_graph); the Loop graph
+stays the file's canonical graph. `BoundStepper` runs the step graph with the
+state kept on the device.
 """
 
 from __future__ import annotations
@@ -15,10 +19,19 @@ import numpy as np
 from rnngen.errors import DeviceError, InvalidParameterError, ModelFormatError
 from rnngen.model.devices import CUDA_PROVIDER, SessionOptions, ort_session_options, select_providers
 from rnngen.model.file import ModelFile, read_model_file
+from rnngen.model.fused_graph import agrees_with, derive_fused_model
 from rnngen.model.tokenizers import TokenizerKinds
 from rnngen.model.loop_graph import LOGITS, TOKENS, state_output_name
 from rnngen.model.prefill_graph import PREFILL_CHUNK, derive_last_logits_model
 from rnngen.model.step_graph import LOG_Z, NEXT_TOKEN, SAMPLE_GREEDY, SAMPLE_INV_TEMPERATURE, SAMPLE_UNIFORM, add_sampling_head, derive_step_model
+
+# Cells whose whole-sequence calls (`run`, `prefill`) go through the fused-op graph, per device.
+# Measured (benchmarks/decode.py, prefill of 1,000 tokens): on an H100 the CUDA provider's fused
+# LSTM (cuDNN) is 9x faster than the Loop graph, whose control runs on the host; on a 2-core CPU the
+# shipped models' fused LSTM is 1.2-1.3x and fused GRU 1.4-1.5x faster, the fused RNN 1.1-1.2x slower.
+# Single steps keep the plain step graph on every device (the fused op at time 1 gains nothing on the CPU;
+# CUDA: benchmarks/decode.py measures it).
+FUSED_RUN_CELLS = {"cuda": ("lstm", "gru", "rnn"), "cpu": ("lstm", "gru")}
 
 
 class RnnModel:
@@ -43,16 +56,37 @@ class RnnModel:
         except Exception as exc:  # onnxruntime raises its own exception types
             raise ModelFormatError(f"{model_file.path}: onnxruntime cannot load the graph: {exc}") from None
         self.providers = self.session.get_providers()
-        # Decoding steps go through the loop-free step graph derived from the same graph, with
-        # temperature sampling of the next token added inside it (rows that need more use the logits).
-        proto = full_proto(model_file)
-        step_proto = add_sampling_head(derive_step_model(proto), self.config.vocab_size)
-        # Prompts go through a copy of the Loop graph that computes the last position's logits only.
-        self.prefill_session = ort.InferenceSession(derive_last_logits_model(proto).SerializeToString(), sess_options=so,
-                                                    providers=self.providers)
-        self.step_session = ort.InferenceSession(step_proto.SerializeToString(), sess_options=so, providers=self.providers)
         if device == "cuda" and CUDA_PROVIDER not in self.providers:
             raise DeviceError("--device cuda: onnxruntime did not enable the CUDA provider for this model")
+        proto = full_proto(model_file)
+        # Decoding steps go through the loop-free step graph derived from the same file, with
+        # temperature sampling of the next token added inside it (rows that need more use the logits).
+        step_proto = sampled_step_proto(proto, self.config.vocab_size)
+        self.step_session = ort.InferenceSession(step_proto.SerializeToString(), sess_options=so, providers=self.providers)
+        self.run_session, run_proto = self.session, proto
+        if self.config.cell in FUSED_RUN_CELLS[self.device]:
+            fused = self._fused(proto, so)
+            if fused is not None:
+                run_proto, self.run_session = fused
+        # Prompts go through a copy of the run graph that computes the last position's logits only.
+        self.prefill_session = ort.InferenceSession(derive_last_logits_model(run_proto).SerializeToString(),
+                                                    sess_options=so, providers=self.providers)
+
+    def _fused(self, proto, so):
+        """The fused-op graph and its session, or None where the file's graph does not yield one that agrees."""
+        import onnxruntime as ort
+
+        try:
+            fused = derive_fused_model(proto, self.config)
+            session = ort.InferenceSession(fused.SerializeToString(), sess_options=so, providers=self.providers)
+        except Exception:  # NotDerivable, or onnxruntime refusing the graph (it raises its own types)
+            return None
+        return (fused, session) if agrees_with(session, self.session, self.config) else None
+
+    @property
+    def uses_fused_run(self) -> bool:
+        """Whether `run` and `prefill` go through the fused-op graph (else the Loop graph)."""
+        return self.run_session is not self.session
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: str = "auto", options: SessionOptions | None = None,
@@ -72,8 +106,9 @@ class RnnModel:
     def prefill(self, prompt_ids: list[int], chunk: int = PREFILL_CHUNK) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """A prompt from the zero state: next-token logits (1, V) and the state after it.
 
-        In chunks of `chunk` tokens through the Loop graph, carrying the state, with the logits
-        of the last position only: memory does not grow with the prompt.
+        In chunks of `chunk` tokens through the run graph (fused where it wins, else the Loop
+        graph), carrying the state, with the logits of the last position only: memory does not
+        grow with the prompt.
         """
         if not len(prompt_ids):
             raise InvalidParameterError("prompt: no tokens to start from")
@@ -90,7 +125,7 @@ class RnnModel:
         """logits (B, T, V) and the state after the last of T tokens, from tokens (B, T)."""
         feeds = {TOKENS: tokens}
         feeds.update(state)
-        logits, *new_state = self.session.run(self._outputs, feeds)
+        logits, *new_state = self.run_session.run(self._outputs, feeds)
         return logits, dict(zip(self.state_names, new_state))
 
     def step(self, tokens: np.ndarray, state: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
@@ -127,6 +162,11 @@ def sampling_feeds(batch: int, temperature: np.ndarray | None = None, uniform: n
     if uniform is None:
         uniform = np.zeros(batch, dtype=np.float32)
     return {SAMPLE_INV_TEMPERATURE: inv, SAMPLE_GREEDY: greedy, SAMPLE_UNIFORM: uniform.reshape(-1, 1)}
+
+
+def sampled_step_proto(proto, vocab_size: int):
+    """The loop-free step graph with its sampling head, derived from the model's ModelProto."""
+    return add_sampling_head(derive_step_model(proto), vocab_size)
 
 
 def full_proto(model_file: ModelFile):
