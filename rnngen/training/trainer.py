@@ -103,6 +103,12 @@ def learning_rate(step: int, cfg: TrainConfig) -> float:
     return floor + 0.5 * (cfg.lr - floor) * (1.0 + math.cos(math.pi * progress))
 
 
+def next_token_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy of logits (B, T, V) against targets (B, T), read time-major as the model lays logits out."""
+    by_time = logits.transpose(0, 1)  # (T, B, V), contiguous for RNNLanguageModel's output
+    return F.cross_entropy(by_time.reshape(-1, by_time.shape[-1]).float(), targets.t().reshape(-1), reduction=reduction)
+
+
 class ChunkedStreams:
     """`batch` contiguous streams over a token array, read `seq_len` tokens at a time.
 
@@ -167,7 +173,7 @@ class Trainer:
                 f"batch_size x (seq_len + 1) = {needed}; lower --batch-size or --seq-len, or use more text"
             )
         if len(val_ids) < 2:
-            raise DataError(f"validation split has {len(val_ids)} tokens, at least 2 are needed; raise --val-fraction")
+            raise DataError(f"validation split has {len(val_ids)} tokens, at least 2 are needed; raise --val-fraction or use a longer --val-file")
         rank, world = self.placement.rank, self.placement.world_size
         self.train = ChunkedStreams(train_ids, train_cfg.batch_size, train_cfg.seq_len,
                                     stream_rows(train_cfg.batch_size, rank, world), self.device)
@@ -333,7 +339,7 @@ class Trainer:
             y = data[:, start + 1 : start + 1 + x.shape[1]]
             with self._autocast():
                 logits, state = self.model(x, state)
-            total += F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="sum")
+            total += next_token_loss(logits, y, reduction="sum")
         self.model.train()
         count = data.shape[0] * max(0, data.shape[1] - 1)
         total_all, count_all = self.placement.all_sum([total.item(), float(count)])
@@ -389,7 +395,7 @@ class Trainer:
         x, y = self.train.chunk(chunk)
         with self._autocast():
             logits, carry = self.forward_model(x, self.carry)
-            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+            loss = next_token_loss(logits, y)
         # Every rank learns the whole batch's loss before going on, so a NaN anywhere stops every rank here.
         (loss_value,) = self.placement.all_mean([loss.item()])
         if not math.isfinite(loss_value):
