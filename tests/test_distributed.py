@@ -75,7 +75,14 @@ def config(corpus_file, out, **kw):
 
 def test_bf16_autocast_trains_and_keeps_fp32_state(corpus_file, tmp_path):
     trainer = Trainer(TINY, config(corpus_file, tmp_path / "r", precision="bf16", steps=12, lr=2e-2))
+    dtypes = set()
+
+    def training_dtype(module, args, out):
+        if module.training:
+            dtypes.add(out.dtype)
+    trainer.model.decoder.register_forward_hook(training_dtype)
     trainer.run()
+    assert torch.bfloat16 in dtypes  # the steps really ran under bf16 autocast
     losses = [v for _, v in trainer.history["train"]]
     assert all(np.isfinite(losses)) and np.mean(losses[-3:]) < np.mean(losses[:3])
     assert all(s.dtype == torch.float32 for s in trainer.carry)
