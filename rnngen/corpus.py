@@ -44,3 +44,17 @@ def split_train_val(ids: np.ndarray, val_fraction: float) -> tuple[np.ndarray, n
         raise InvalidParameterError.about("{val_fraction}: {value} is outside (0, 1)", value=val_fraction)
     n_train = int(len(ids) * (1.0 - val_fraction))
     return ids[:n_train], ids[n_train:]
+
+
+def split_text_at_line(text: str, val_fraction: float) -> tuple[str, str]:
+    """Hold out about the last `val_fraction` of a text, cut at the start of a line (never mid-line)."""
+    if not (0.0 < val_fraction < 1.0):
+        raise InvalidParameterError(f"val_fraction: {val_fraction} is outside (0, 1)")
+    point = int(len(text) * (1.0 - val_fraction))
+    cut = text.rfind("\n", 0, point) + 1  # the start of the line the exact point falls in
+    if cut == 0:  # no line ends before the point: the next line start instead
+        cut = text.find("\n", point) + 1
+    if cut == 0 or cut >= len(text):
+        raise DataError("the corpus has no line break to cut a validation part at; give --val-file "
+                        "or a text with several lines")
+    return text[:cut], text[cut:]

@@ -3,7 +3,10 @@
 The file is read in pieces and fed through the model in segments with the
 state carried across, so only one segment's logits exist at a time and the
 result does not depend on the segment size. The first token is predicted
-after the model's start symbol (a newline), like the start of any text.
+after the model's start symbol (a newline), like the start of any text. A word
+model's file ends with <eos> like every line, with or without a final line end;
+tokens outside the vocabulary (words that became <unk>, characters replaced or
+skipped) are counted.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from rnngen.errors import DataError
 from rnngen.decoding.logits import log_softmax
 from rnngen.model.prefill_graph import PREFILL_CHUNK
 from rnngen.model.runtime import RnnModel
+from rnngen.model.tokenizers import count_unknown, encode_document
 
 READ_CHARS = 1 << 20  # characters read per piece of the file
 SEGMENT_TOKENS = PREFILL_CHUNK  # tokens per model call: the chunks prompts are prefilled in
@@ -31,6 +35,7 @@ class ScoreResult:
     tokens: int
     chars: int
     nats: float  # total negative log-likelihood
+    unknown_tokens: int | None = None  # tokens outside the vocabulary (None: the tokenizer cannot say)
 
     @property
     def nats_per_token(self) -> float:
@@ -90,10 +95,13 @@ def score_file(model: RnnModel, path: str | os.PathLike, on_unknown: str = "erro
     total_tokens = total_chars = 0
     nats = 0.0
     done_bytes = 0
+    unknown: int | None = 0
     for text in _text_pieces(path):
         total_chars += len(text)
         piece_bytes = len(text.encode("utf-8"))
-        ids = tokenizer.encode(text, on_unknown=on_unknown)
+        ids = encode_document(tokenizer, text, on_unknown)
+        piece_unknown = count_unknown(tokenizer, text)
+        unknown = None if unknown is None or piece_unknown is None else unknown + piece_unknown
         for start in range(0, len(ids), segment_tokens):
             targets = np.asarray(ids[start : start + segment_tokens], dtype=np.int64)
             inputs = np.concatenate(([previous], targets[:-1]))[None, :]  # (1, T)
@@ -106,7 +114,7 @@ def score_file(model: RnnModel, path: str | os.PathLike, on_unknown: str = "erro
         done_bytes += piece_bytes
     if total_tokens == 0:
         raise DataError(f"{path} has no tokens to score")
-    return ScoreResult(total_tokens, total_chars, nats)
+    return ScoreResult(total_tokens, total_chars, nats, unknown)
 
 
 def _nll(logits: np.ndarray, targets: np.ndarray) -> float:

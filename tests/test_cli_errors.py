@@ -72,6 +72,7 @@ MISSING_PATH_CASES = {
                            "No such file"),
     ("train", "data"): (["train", "{missing}"], "not found"),
     ("train", "resume"): (["train", "{text}", "--resume", "{missing}"], "no last.json"),
+    ("train", "val_file"): (["train", "{text}", "--val-file", "{missing}"], "not found"),
     ("train", "out"): (["train", "{text}", "--out", "{text}/run", "--hidden", "8", "--batch-size", "2", "--seq-len", "8"],
                        "Not a directory"),  # a missing --out is created: here its parent is a file
 }

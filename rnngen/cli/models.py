@@ -113,4 +113,6 @@ def score(
         f"  {result.nats_per_token:.4f} nats/token  {result.bits_per_token:.4f} bits/token  "
         f"perplexity {result.perplexity:.3f}\n"
         f"  {result.nats_per_char:.4f} nats/char   {result.bits_per_char:.4f} bits/char"
+        + ("" if result.unknown_tokens is None else
+           f"\n  {result.unknown_tokens:,} tokens outside the vocabulary ({result.unknown_tokens / result.tokens:.2%})")
     )

@@ -16,6 +16,7 @@ Unknown input (a policy users choose with `on_unknown`):
 from __future__ import annotations
 
 import codecs
+import re
 import unicodedata
 from collections import Counter
 from dataclasses import dataclass
@@ -93,6 +94,11 @@ class CharTokenizer:
                 text = "".join(ch for ch in text if ch in index)
         return [index[ch] for ch in text]
 
+    def count_unknown(self, text: str) -> int:
+        """How many characters of the text are not in the vocabulary."""
+        index = self._index
+        return sum(text.count(ch) for ch in set(text) if ch not in index)
+
     def decode(self, ids: Iterable[int]) -> str:
         return "".join(self.symbols[i] for i in ids)
 
@@ -158,9 +164,22 @@ class WordTokenizer:
         return len(self.symbols)
 
     def encode(self, text: str, on_unknown: str = "error") -> list[int]:
+        """Ids of a prompt: a last line without a line end continues (no <eos> after it)."""
         _check_policy(on_unknown)
         unk = self._index[self.UNK]
         return [self._index.get(w, unk) for w in _words(text)]
+
+    def encode_document(self, text: str, on_unknown: str = "error") -> list[int]:
+        """Ids of a whole file: every line ends with <eos>, the last one too, with or without a final line end."""
+        ids = self.encode(text, on_unknown)
+        if text and not text.endswith(("\n", "\r")):
+            ids.append(self._index[self.EOS])
+        return ids
+
+    def count_unknown(self, text: str) -> int:
+        """How many words of the text are outside the vocabulary (they become <unk>)."""
+        index = self._index
+        return sum(1 for w in _words(text) if w not in index)
 
     def decode(self, ids: Iterable[int]) -> str:
         decoder = self.stream_decoder()
@@ -179,13 +198,28 @@ class WordTokenizer:
 Tokenizer = CharTokenizer | ByteTokenizer | WordTokenizer
 
 
+_LINE_END = re.compile(r"\r\n|\r|\n")
+
+
 def _words(text: str) -> Iterable[str]:
-    """Words of each line, then <eos> at every line end (Penn Treebank convention)."""
-    lines = text.split("\n")
+    """Words of each line, then <eos> at every line end: \\n, \\r\\n or \\r (Penn Treebank convention)."""
+    lines = _LINE_END.split(text)
     for i, line in enumerate(lines):
         yield from line.split()
         if i < len(lines) - 1:
             yield WordTokenizer.EOS
+
+
+def encode_document(tokenizer: Tokenizer, text: str, on_unknown: str = "error") -> list[int]:
+    """A whole file's ids (training, validation, scoring); for a word tokenizer the last line ends with <eos> too."""
+    encode = getattr(tokenizer, "encode_document", tokenizer.encode)
+    return encode(text, on_unknown)
+
+
+def count_unknown(tokenizer: Tokenizer, text: str) -> int | None:
+    """How many tokens of the text are outside the vocabulary (None: the tokenizer cannot say)."""
+    count = getattr(tokenizer, "count_unknown", None)
+    return None if count is None else count(text)
 
 
 @dataclass(frozen=True)

@@ -2,13 +2,17 @@
 
 A checkpoint NAME in a run directory is two files:
   NAME.safetensors  model weights ("model.*"), AdamW moments ("optim.*"), the
-                    torch RNG state ("rng.torch") and the hidden state carried
-                    between training chunks ("carry.*")
+                    torch RNG states ("rng.torch", "rng.cuda" on a GPU, and
+                    "rng.torch.R" / "rng.cuda.R" of data-parallel rank R > 0)
+                    and the hidden state carried between training chunks
+                    ("carry.*", the whole batch)
   NAME.json         model config, tokenizer, training config, step, optimizer
                     hyper-parameters, loss history, corpus summary
 The run keeps `last` (written at every evaluation and on interrupt) and `best`
-(the lowest validation loss so far). Both files are written to temporary names
-and renamed, the JSON last, so a crash never leaves a half-written checkpoint.
+(the lowest validation loss so far). Tensors are read onto the CPU and moved to
+the training device, so a checkpoint moves between CPU and GPU. Both files
+are written to temporary names and renamed, the JSON last, so a crash never
+leaves a half-written checkpoint.
 """
 
 from __future__ import annotations
@@ -48,15 +52,22 @@ class Checkpoint:
         return {k[len("model.") :]: v for k, v in self.tensors.items() if k.startswith("model.")}
 
 
-def save_checkpoint(run_dir: Path, name: str, model, optimizer, meta: dict, carry: tuple, rng_state: torch.Tensor) -> None:
-    tensors = {f"model.{k}": v.detach().contiguous() for k, v in model.named_parameters()}
+def save_checkpoint(run_dir: Path, name: str, model, optimizer, meta: dict, carry: tuple,
+                    rng_states: dict[str, torch.Tensor]) -> None:
+    """Write checkpoint NAME; tensors may live on any device (they are written from the CPU).
+
+    rng_states: "rng.torch" (and "rng.cuda" on a GPU) of the only or first process; "rng.torch.R" and
+    "rng.cuda.R" of data-parallel rank R > 0. `carry` is the whole batch's state, every rank's rows.
+    """
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.named_parameters()}
     opt = optimizer.state_dict()
     for idx, state in opt["state"].items():
         for key, value in state.items():
-            tensors[f"optim.{idx}.{key}"] = value.detach().reshape(-1).contiguous() if value.dim() == 0 else value.contiguous()
-    tensors["rng.torch"] = rng_state
+            value = value.detach().cpu()
+            tensors[f"optim.{idx}.{key}"] = value.reshape(-1).contiguous() if value.dim() == 0 else value.contiguous()
+    tensors.update({key: value.cpu() for key, value in rng_states.items()})
     for state_name, tensor in zip(model.config.state_names, carry):
-        tensors[f"carry.{state_name}"] = tensor.detach().contiguous()
+        tensors[f"carry.{state_name}"] = tensor.detach().float().cpu().contiguous()
     meta = dict(meta, format=CHECKPOINT_FORMAT, version=CHECKPOINT_VERSION, param_groups=opt["param_groups"])
     run_dir.mkdir(parents=True, exist_ok=True)
     weights, info = run_dir / f"{name}.safetensors", run_dir / f"{name}.json"

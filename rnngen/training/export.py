@@ -70,7 +70,9 @@ def training_summary(meta: dict) -> dict:
         "corpus": corpus.get("name"),
         "corpus_chars": corpus.get("chars"),
         "corpus_tokens": corpus.get("tokens"),
-        "val_fraction": meta.get("train", {}).get("val_fraction"),
+        # validated on a separate file (val_file) or on the held-out end of the corpus (val_fraction)
+        "val_fraction": None if meta.get("train", {}).get("val_file") else meta.get("train", {}).get("val_fraction"),
+        "val_file": corpus.get("val_name"),
         "val_loss": best,
         "val_bits": None if best is None else best / math.log(2),
         "steps": meta.get("step"),

@@ -69,7 +69,7 @@ class RNNLanguageModel(nn.Module):
         self.embedding = nn.Embedding(v, e)
         between = config.dropout if config.num_layers > 1 else 0.0
         kwargs = {"nonlinearity": "tanh"} if config.cell == "rnn" else {}
-        self.rnn = _FUSED[config.cell](e, h, num_layers=config.num_layers, dropout=between, batch_first=True, **kwargs)
+        self.rnn = _FUSED[config.cell](e, h, num_layers=config.num_layers, dropout=between, **kwargs)
         self.drop = nn.Dropout(config.dropout)
         self.decoder = nn.Linear(h, v)
         if config.tied:
@@ -91,14 +91,19 @@ class RNNLanguageModel(nn.Module):
         return tuple(torch.zeros(shape, device=device) for _ in self.config.state_names)
 
     def forward(self, tokens: Tensor, state: tuple[Tensor, ...], fused: bool = True):
-        """tokens (B, T) → logits (B, T, V) and the state after the last step, each (L, B, H)."""
-        x = self.drop(self.embedding(tokens))  # (B, T, E)
+        """tokens (B, T) → logits (B, T, V) and the state after the last step, each (L, B, H).
+
+        Inside, time comes first: the recurrent kernels' own layout (batch-first costs them a
+        copy of every layer's input and output, and of their gradients). The logits are a
+        (B, T, V) view of time-major (T, B, V) memory; `logits.transpose(0, 1)` is contiguous.
+        """
+        x = self.drop(self.embedding(tokens.t()))  # (T, B, E)
         if fused:
-            out, new = self.rnn(x, state if self.config.cell == "lstm" else state[0])
+            out, new = self.rnn(x, state if self.config.cell == "lstm" else state[0])  # (T, B, H)
             new_state = tuple(new) if isinstance(new, tuple) else (new,)
         else:
             out, new_state = self._forward_cells(x, state)
-        return self.decoder(self.drop(out)), new_state
+        return self.decoder(self.drop(out)).transpose(0, 1), new_state  # (B, T, V)
 
     def _forward_cells(self, x: Tensor, state: tuple[Tensor, ...]):
         """The same function as the fused module, written with the cells above, layer by layer."""
@@ -109,18 +114,18 @@ class RNNLanguageModel(nn.Module):
             h = state[0][k]  # (B, H)
             c = state[1][k] if cell == "lstm" else None
             outs = []
-            for t in range(x.shape[1]):
+            for t in range(x.shape[0]):  # x: (T, B, E)
                 if cell == "lstm":
-                    h, c = lstm_cell(x[:, t], h, c, *w)
+                    h, c = lstm_cell(x[t], h, c, *w)
                 elif cell == "gru":
-                    h = gru_cell(x[:, t], h, *w)
+                    h = gru_cell(x[t], h, *w)
                 else:
-                    h = rnn_cell(x[:, t], h, *w)
+                    h = rnn_cell(x[t], h, *w)
                 outs.append(h)
             finals[0].append(h)
             if cell == "lstm":
                 finals[1].append(c)
-            x = torch.stack(outs, dim=1)  # (B, T, H)
+            x = torch.stack(outs)  # (T, B, H)
             if k < self.config.num_layers - 1:
                 x = F.dropout(x, self.rnn.dropout, self.training)
         return x, tuple(torch.stack(f) for f in finals)
