@@ -26,8 +26,9 @@ def serve(
     auth_token: Optional[str] = typer.Option(None, "--auth-token", envvar="RNNGEN_AUTH_TOKEN", help="Require this bearer token."),
     tls_cert: Optional[Path] = typer.Option(None, "--tls-cert", envvar="RNNGEN_TLS_CERT", help="TLS certificate (PEM)."),
     tls_key: Optional[Path] = typer.Option(None, "--tls-key", envvar="RNNGEN_TLS_KEY", help="TLS private key (PEM)."),
-    grace: float = typer.Option(30.0, "--grace", help="On SIGTERM: seconds for in-flight streams to finish."),
+    grace: float = typer.Option(30.0, "--grace", help="On SIGTERM: seconds for in-flight streams to finish; then each gets a last message with its session token (given a session secret) to continue on another server."),
     threads: int = typer.Option(0, "--threads", envvar="RNNGEN_THREADS", help="onnxruntime threads per model (0: one per core)."),
+    message_rate: float = typer.Option(4000.0, "--message-rate", envvar="RNNGEN_MESSAGE_RATE", help="Messages per second, all streams together: each stream's text goes out every (open streams / this) seconds, coalesced (lower: more CPU for decoding; higher: smaller gaps)."),
     per_stream: bool = typer.Option(False, "--per-stream", help="Decode each stream on its own (a benchmark baseline, not for production)."),
 ) -> None:
     with user_errors():
@@ -45,7 +46,7 @@ def serve(
         config = ServerConfig(models=models, host=host, port=port, metrics_port=metrics_port,
                               max_active=max_active, max_queued=max_queued, device=device, session_secret=secret,
                               session_ttl_s=session_ttl, auth_token=auth_token, tls_cert=tls_cert, tls_key=tls_key,
-                              grace_s=grace, threads=threads, per_stream=per_stream,
+                              grace_s=grace, threads=threads, per_stream=per_stream, message_rate=message_rate,
                               tokenizers=tokenizer_kinds(), processors=processor_factories())
         serve_forever(config, announce=lambda line: print(line, flush=True))
 

@@ -36,6 +36,7 @@ FINISH_LENGTH = "length"  # max_new_tokens reached
 FINISH_STOP = "stop"  # a stop string was generated
 FINISH_CANCELLED = "cancelled"  # the caller removed the row
 FINISH_ERROR = "error"  # one of the row's logits processors failed (RowUpdate.error says how)
+FINISH_INTERRUPTED = "interrupted"  # the caller asked the row to leave early (Row.leave), e.g. a server stopping
 
 
 class BatchState:
@@ -98,6 +99,7 @@ class Row:
     logit_processors: list = field(default_factory=list)  # built from params.processors when the row joins
     units: list = field(default_factory=list)  # introspection: the state units to report, parsed when the row joins
     error: Exception | None = None  # a logits processor failed on this row: it ends, the batch goes on
+    leave: bool = False  # leave after the next token, unflushed (its state captured if capture_state: resumable)
 
     def __post_init__(self) -> None:
         if self.stops is None:
@@ -251,6 +253,8 @@ class DecodeEngine:
                 text += row.stops.push(row.decoder.flush())
                 text += row.stops.flush()
                 row.finish_reason = FINISH_STOP if row.stops.stopped else FINISH_LENGTH
+            elif row.leave:
+                row.finish_reason = FINISH_INTERRUPTED
             else:
                 keep.append(i)
             row.record(token, text)

@@ -12,6 +12,8 @@ class ServerMetrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("rnngen_requests", "Generate calls by model and final status", ["model", "status"], registry=r)
+        self.interrupted = Counter("rnngen_interrupted_streams", "Streams handed back with a session token by a stopping server",
+                                   ["model"], registry=r)
         self.active = Gauge("rnngen_active_streams", "Streams decoding now", ["model"], registry=r)
         self.queued = Gauge("rnngen_queued_requests", "Accepted streams waiting for a row", ["model"], registry=r)
         self.generated = Counter("rnngen_generated_tokens", "Tokens generated (rate() gives tokens/s)", ["model"], registry=r)
