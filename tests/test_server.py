@@ -122,12 +122,13 @@ def test_cancel_mid_stream_frees_the_row(start_server):
 
 
 def test_deadline_ends_the_stream_and_frees_the_row(start_server):
-    server = start_server()
+    server = start_server(metrics_port=0)
     with client_for(server) as client:
         with pytest.raises(grpc.RpcError) as err:
             collect(client.generate("a", params=GenerationParams(max_new_tokens=10_000_000), timeout=0.3))
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert wait_until(lambda: server.models[0].scheduler.active == 0)
+    assert wait_until(lambda: requests_counted(server) == {"DEADLINE_EXCEEDED": 1.0}), requests_counted(server)
 
 
 def health_status(port, service=""):

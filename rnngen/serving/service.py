@@ -94,8 +94,9 @@ class GeneratorService(pb_grpc.GeneratorServicer):
 
     async def Generate(self, request, context):
         start = time.perf_counter()
+        allowed = context.time_remaining()  # None: the client set no deadline
         name = request.model or self.default
-        status = "CANCELLED"  # until the last message is handed over (a later cancel changes nothing), or an error
+        status = "CANCELLED"  # until the last message is written (a later cancel changes nothing), or an error
         recorded = False
         stream = None
         self.in_flight += 1
@@ -119,9 +120,9 @@ class GeneratorService(pb_grpc.GeneratorServicer):
             self.outbox.open_streams += 1
             served.scheduler.enqueue(stream, logits, state)
             async for message in self._responses(served, stream, request, start):
+                yield message
                 if message.finish_reason:
                     status = "OK"
-                yield message
         except RnngenError as exc:
             status, recorded = status_of(exc).name, True
             self.metrics.requests.labels(name, status).inc()  # counted before the client can see the error
@@ -140,7 +141,7 @@ class GeneratorService(pb_grpc.GeneratorServicer):
                 if status == "CANCELLED":
                     served.scheduler.cancel(stream)  # a client's cancel or deadline frees the row at the next step
             if not recorded:
-                if status == "CANCELLED" and (context.time_remaining() or 1.0) <= 0.0:
+                if status == "CANCELLED" and allowed is not None and time.perf_counter() - start >= allowed:
                     status = "DEADLINE_EXCEEDED"
                 self.metrics.requests.labels(name, status).inc()
             self.in_flight -= 1
