@@ -449,10 +449,9 @@ def test_waiting_streams_join_in_one_batched_admission(start_server):
     engine.add = lambda rows, logits, state: added.append(len(rows)) or real_add(rows, logits, state)
     params = GenerationParams(max_new_tokens=5, seed=1)
     with scheduler._lock:  # the decoding thread cannot take any of them before all five wait
-        for i in range(5):
+        for prompt in ("the", "cat", "sat", "on ", "a m"):  # one length: prefilled in the same round
             scheduler.reserve()
-            stream, logits, state = server.service._prefill(served, pb.GenerateRequest(prompt="abcde"[: i + 1]), params)
-            scheduler.enqueue(stream, logits, state)
+            scheduler.enqueue(server.service._prefill(served, pb.GenerateRequest(prompt=prompt), params)[1])
     assert wait_until(lambda: added and scheduler.active == 0 and scheduler.queued == 0)
     assert added == [5]
 

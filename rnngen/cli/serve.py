@@ -29,6 +29,8 @@ def serve(
     grace: float = typer.Option(30.0, "--grace", help="On SIGTERM: seconds for in-flight streams to finish; then each gets a last message with its session token (given a session secret) to continue on another server."),
     threads: int = typer.Option(0, "--threads", envvar="RNNGEN_THREADS", help="onnxruntime threads per model (0: one per core)."),
     message_rate: float = typer.Option(4000.0, "--message-rate", envvar="RNNGEN_MESSAGE_RATE", help="Messages per second, all streams together: each stream's text goes out every (open streams / this) seconds, coalesced (lower: more CPU for decoding; higher: smaller gaps)."),
+    prefill_chunk: int = typer.Option(64, "--prefill-chunk", envvar="RNNGEN_PREFILL_CHUNK", help="Prompt tokens per prompt prefilled between two decoding steps (lower: steadier decoding while long prompts arrive; higher: faster long prompts)."),
+    prefix_cache_mb: float = typer.Option(64.0, "--prefix-cache-mb", envvar="RNNGEN_PREFIX_CACHE_MB", help="Memory per model for states after prompt prefixes seen before (0: no prefix cache)."),
     per_stream: bool = typer.Option(False, "--per-stream", help="Decode each stream on its own (a benchmark baseline, not for production)."),
 ) -> None:
     with user_errors():
@@ -47,6 +49,7 @@ def serve(
                               max_active=max_active, max_queued=max_queued, device=device, session_secret=secret,
                               session_ttl_s=session_ttl, auth_token=auth_token, tls_cert=tls_cert, tls_key=tls_key,
                               grace_s=grace, threads=threads, per_stream=per_stream, message_rate=message_rate,
+                              prefill_chunk=prefill_chunk, prefix_cache_mb=prefix_cache_mb,
                               tokenizers=tokenizer_kinds(), processors=processor_factories())
         serve_forever(config, announce=lambda line: print(line, flush=True))
 

@@ -1,9 +1,11 @@
 """Continuous batching: one scheduler per model owns a decoding engine and its thread.
 
-Every step decodes all active streams together in one batched model call. A
-new request is prefilled in its own (handler) thread, then joins at the next
-step; all requests waiting at a step boundary join in one batched admission; a
-finished or cancelled stream leaves at once, and its row is free for the next
+Every step decodes all active streams together in one batched model call.
+Between two steps the scheduler runs one round of prefill (rnngen.serving.prefill:
+chunked, batched, shortest prompt first, with the prefix-state cache), so a
+long prompt never stalls the decoding streams and a short one never waits
+behind it; all prompts done by a step boundary join in one batched admission;
+a finished or cancelled stream leaves at once, and its row is free for the next
 request. Capacity is bounded: at most `max_active` rows decode, at most
 `max_queued` accepted requests wait for a row; beyond that, `reserve` refuses
 at once (the server answers RESOURCE_EXHAUSTED) and the accepted streams keep
@@ -12,7 +14,8 @@ their pace. Each step's updates go to the Outbox in one call.
 When a server stops before its streams end, `interrupt` makes every row leave
 after its next token: with resumable sessions each row leaves with its state
 (its stream's last message carries a session token to continue elsewhere),
-otherwise its stream ends with UNAVAILABLE.
+otherwise its stream ends with UNAVAILABLE. A prompt still prefilling ends
+with UNAVAILABLE (before any message: a client sends it to another server).
 """
 
 from __future__ import annotations
@@ -27,13 +30,15 @@ from rnngen.decoding.engine import FINISH_CANCELLED, BatchState, DecodeEngine
 from rnngen.errors import OverloadedError, ShuttingDownError
 from rnngen.model.runtime import RnnModel
 from rnngen.serving.delivery import Outbox, Stream
+from rnngen.serving.prefill import PrefillJob, Prefiller
 
 STOPPED_BEFORE_THE_END = "the server stopped before the stream finished; retry on another server"
+STOPPED_BEFORE_THE_START = "the server stopped before the stream started; retry on another server"
 
 
 class Scheduler:
     def __init__(self, model: RnnModel, name: str, outbox: Outbox, max_active: int = 256,
-                 max_queued: int = 512, per_stream: bool = False, metrics=None):
+                 max_queued: int = 512, per_stream: bool = False, metrics=None, prefiller: Prefiller | None = None):
         self.model = model
         self.outbox = outbox
         self.name = name
@@ -43,7 +48,10 @@ class Scheduler:
         self.per_stream = per_stream
         self.metrics = metrics
         self._engines: list[DecodeEngine] = [] if per_stream else [DecodeEngine(model)]
-        self._waiting: deque[tuple[Stream, np.ndarray, BatchState]] = deque()
+        self.prefiller = prefiller or Prefiller(model, None, metrics=metrics, name=name)
+        self._incoming: list[PrefillJob] = []  # handed over by the handlers (under the lock)
+        self._prefilling: list[PrefillJob] = []  # the decoding thread's own from here on
+        self._ready: deque[PrefillJob] = deque()  # prefilled, waiting for a row
         self._cancels: list[Stream] = []  # streams whose handler is gone: their rows leave at the next step
         self._reserved = 0  # accepted requests not yet in the engine (prefilling or waiting)
         self._lock = threading.Condition()
@@ -83,10 +91,10 @@ class Scheduler:
             self._report()
             self._lock.notify()
 
-    def enqueue(self, stream: Stream, logits: np.ndarray, state: BatchState) -> None:
-        """A prefilled stream joins at the next step (its reservation becomes the row)."""
+    def enqueue(self, job: PrefillJob) -> None:
+        """A stream (job.tag) to prefill, then to join (its reservation becomes the row)."""
         with self._lock:
-            self._waiting.append((stream, logits, state))
+            self._incoming.append(job)
             self._lock.notify()
 
     def cancel(self, stream: Stream) -> None:
@@ -101,54 +109,81 @@ class Scheduler:
     def _loop(self) -> None:
         while True:
             with self._lock:
-                while not self._closed and not (self.active or self._waiting or self._cancels):
+                while not self._closed and not (self.active or self._incoming or self._prefilling or self._ready
+                                                or self._cancels):
                     if self._stopping and not self._reserved:
                         return
                     self._lock.wait()
                 if self._closed:
                     return
-                joining = self._take_waiting()
+                incoming, self._incoming = self._incoming, []
                 cancels, self._cancels = self._cancels, []
                 interrupt = self._interrupt
+            for job in incoming:
+                self.prefiller.start(job)
+                self._prefilling.append(job)
             if cancels:
                 self._drop(cancels)
-            if joining:
-                self._admit(joining)
+            if self._prefilling:
+                self._prefill(interrupt)
+            if self._ready:
+                self._admit(interrupt)
             if interrupt:
                 self._leave(interrupt)
             self._step()
             with self._lock:
                 self._report()
 
-    def _take_waiting(self) -> list[tuple[Stream, np.ndarray, BatchState]]:
-        """Under the lock: the waiting streams that fit (all of them when interrupting: they leave at once)."""
-        room = len(self._waiting) if self._interrupt else self.max_active - self.active
-        joining = []
-        while self._waiting and len(joining) < room:
-            joining.append(self._waiting.popleft())
-            self._reserved -= 1
-        return joining
+    def _prefill(self, interrupt: str | None) -> None:
+        """One prefill round; prompts done move on to wait for a row (see rnngen.serving.prefill)."""
+        try:
+            self.prefiller.round(self._prefilling)
+        except Exception as exc:  # a failing prefill ends the streams it was for, not the server
+            self._discard(self._prefilling, exc)
+            return
+        still = []
+        for job in self._prefilling:
+            (self._ready if job.finished else still).append(job)
+        self._prefilling = still
+        if interrupt and still:  # nothing sent yet: the client can send the request elsewhere
+            self._discard(still, ShuttingDownError(STOPPED_BEFORE_THE_START))
 
-    def _admit(self, joining: list[tuple[Stream, np.ndarray, BatchState]]) -> None:
-        """Every stream that can join enters in one batched add."""
-        joining = [j for j in joining if not j[0].cancelled.is_set()]
+    def _discard(self, jobs: list[PrefillJob], error: Exception) -> None:
+        self.outbox.end([job.tag for job in jobs], error)
+        self._unreserve(len(jobs))
+        self._prefilling = [job for job in self._prefilling if job not in jobs]
+
+    def _unreserve(self, n: int) -> None:
+        with self._lock:
+            self._reserved -= n
+
+    def _admit(self, interrupt: str | None) -> None:
+        """Every prefilled stream that fits joins in one batched add (all of them when interrupting: they leave at once)."""
+        room = len(self._ready) if interrupt else self.max_active - self.active
+        joining = [self._ready.popleft() for _ in range(min(room, len(self._ready)))]
+        self._unreserve(len(joining))
+        joining = [job for job in joining if not job.tag.cancelled.is_set()]
         if not joining:
             return
         if self.per_stream:
-            for stream, logits, state in joining:
+            for job in joining:
                 engine = DecodeEngine(self.model)
-                engine.add([stream.row], logits, state)
+                engine.add([job.tag.row], job.logits, BatchState(job.state))
                 self._engines.append(engine)
         else:
-            self._engines[0].add([s.row for s, _, _ in joining], np.concatenate([lg for _, lg, _ in joining]),
-                                 BatchState.concat([st for _, _, st in joining]))
+            self._engines[0].add([job.tag.row for job in joining], np.concatenate([job.logits for job in joining]),
+                                 BatchState.concat([BatchState(job.state) for job in joining]))
         if self.metrics:
             now = time.perf_counter()
-            for stream, _, _ in joining:
-                self.metrics.queue_wait(now - stream.enqueued_at)
+            for job in joining:
+                self.metrics.queue_wait(now - job.tag.enqueued_at)
 
     def _drop(self, cancels: list[Stream]) -> None:
         gone = set(cancels)
+        dropped = [job for job in self._prefilling if job.tag in gone]
+        if dropped:
+            self._unreserve(len(dropped))
+            self._prefilling = [job for job in self._prefilling if job.tag not in gone]
         for engine in self._engines:
             keep = [i for i, row in enumerate(engine.rows) if row.tag not in gone]
             if len(keep) < len(engine.rows):

@@ -34,6 +34,7 @@ from rnngen.model.runtime import RnnModel
 from rnngen.model.tokenizers import TokenizerKinds
 from rnngen.serving.delivery import DEFAULT_MESSAGE_RATE, Outbox
 from rnngen.serving.metrics import ServerMetrics
+from rnngen.serving.prefill import DEFAULT_CACHE_MB, DEFAULT_CHUNK, Prefiller, PrefixCache
 from rnngen.serving.scheduler import Scheduler
 from rnngen.serving.service import SERVICE_NAME, BearerAuth, GeneratorService, RefuseUndecodable, ServedModel
 from rnngen.serving.sessions import SessionCodec
@@ -60,17 +61,21 @@ class ServerConfig:
     # Messages per second, all streams together: a stream's text is flushed every open_streams / message_rate
     # seconds (lower: fewer, larger messages and more CPU for decoding; higher: smaller gaps between messages).
     message_rate: float = DEFAULT_MESSAGE_RATE
+    prefill_chunk: int = DEFAULT_CHUNK  # prompt tokens per prompt between two decoding steps
+    prefix_cache_mb: float = DEFAULT_CACHE_MB  # per model: states after prompt prefixes (0: no cache)
     # Plugins are consulted at the edge (the CLI) and their tables handed down: None means the built-ins.
     tokenizers: TokenizerKinds | None = None  # tokenizer kinds models may use
     processors: ProcessorFactories | None = None  # processor names requests may use
 
     def __post_init__(self) -> None:
         for name, value, lo in (("max_active", self.max_active, 1), ("max_queued", self.max_queued, 0),
-                                ("port", self.port, 0)):
+                                ("port", self.port, 0), ("prefill_chunk", self.prefill_chunk, 1)):
             if not isinstance(value, int) or value < lo:
                 raise InvalidParameterError(f"{name}: {value!r} must be an integer >= {lo}")
         if not self.message_rate > 0:
             raise InvalidParameterError(f"--message-rate: {self.message_rate!r} must be > 0")
+        if not self.prefix_cache_mb >= 0:
+            raise InvalidParameterError(f"--prefix-cache-mb: {self.prefix_cache_mb!r} must be >= 0 (0 turns the cache off)")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise InvalidParameterError("TLS needs both --tls-cert and --tls-key")
         if not self.models:
@@ -121,10 +126,16 @@ class RnngenServer:
         self.service = GeneratorService(SessionCodec(secret, config.session_ttl_s), self.metrics, self.outbox,
                                        processors=config.processors, resumable=config.session_secret is not None)
         self.models = [ServedModel(name, model, Scheduler(model, name, self.outbox, config.max_active,
-                                                          config.max_queued, config.per_stream, self.metrics))
+                                                          config.max_queued, config.per_stream, self.metrics,
+                                                          self._prefiller(name, model)))
                        for name, model in loaded]
         self.service.serve_models(self.models)
         self.port = self._run(self._start_grpc())
+
+    def _prefiller(self, name: str, model: RnnModel) -> Prefiller:
+        budget = int(self.config.prefix_cache_mb * 2**20)
+        return Prefiller(model, PrefixCache(budget) if budget else None, self.config.prefill_chunk, metrics=self.metrics,
+                         name=name)
 
     def _run(self, coro, timeout: float | None = 30):
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)

@@ -15,16 +15,16 @@ from concurrent import futures
 from dataclasses import dataclass, field
 
 import grpc
-import numpy as np
 
-from rnngen.decoding.engine import FINISH_INTERRUPTED, BatchState, DecodeEngine, Row, resolve_seed, row_generator
+from rnngen.decoding.engine import FINISH_INTERRUPTED, Row, resolve_seed, row_generator
 from rnngen.decoding.params import GenerationParams
 from rnngen.decoding.processors import ProcessorFactories, build_processors
 from rnngen.errors import ModelNotFoundError, RnngenError
 from rnngen.model.runtime import RnnModel
 from rnngen.model.units import state_units
-from rnngen.serving.metrics import ServerMetrics
 from rnngen.serving.delivery import Outbox, Pending, Stream
+from rnngen.serving.metrics import ServerMetrics
+from rnngen.serving.prefill import PrefillJob
 from rnngen.serving.protocol import FINISH_TO_PB, details_to_pb, params_from_pb, status_of
 from rnngen.serving.scheduler import Scheduler
 from rnngen.serving.sessions import HISTORY_TAIL, SessionCodec, SessionState, model_identity, rng_from_state
@@ -67,7 +67,7 @@ class GeneratorService(pb_grpc.GeneratorServicer):
         # resumable: session tokens are valid on other replicas (a shared secret), so a stream cut by a
         # stopping server ends with a token to continue elsewhere.
         self.resumable = resumable
-        # Prompts are prefilled off the event loop (onnxruntime releases the GIL while it runs).
+        # Requests are tokenized and session tokens checked off the event loop; schedulers run the model.
         self.prefill_pool = futures.ThreadPoolExecutor(max_workers=prefill_threads, thread_name_prefix="rnngen-prefill")
         self.processors = processors  # processor names requests may use (None: the built-ins)
         self.in_flight = 0  # Generate calls not yet returned (a drain waits for them); touched on the loop only
@@ -109,8 +109,7 @@ class GeneratorService(pb_grpc.GeneratorServicer):
             units = state_units(params.units, served.model.config)
             served.scheduler.reserve()
             try:
-                stream, logits, state = await self.loop.run_in_executor(
-                    self.prefill_pool, self._prefill, served, request, params)
+                stream, job = await self.loop.run_in_executor(self.prefill_pool, self._prefill, served, request, params)
             except BaseException:
                 served.scheduler.release()
                 raise
@@ -118,7 +117,7 @@ class GeneratorService(pb_grpc.GeneratorServicer):
             stream.want_tokens, stream.want_details = request.return_token_ids, params.introspect
             stream.wake = asyncio.Event()
             self.outbox.open_streams += 1
-            served.scheduler.enqueue(stream, logits, state)
+            served.scheduler.enqueue(job)
             async for message in self._responses(served, stream, request, start):
                 yield message
                 if message.finish_reason:
@@ -146,29 +145,29 @@ class GeneratorService(pb_grpc.GeneratorServicer):
                 self.metrics.requests.labels(name, status).inc()
             self.in_flight -= 1
 
-    def _prefill(self, served: ServedModel, request, params: GenerationParams):
+    def _prefill(self, served: ServedModel, request, params: GenerationParams) -> tuple[Stream, PrefillJob]:
+        """The stream's row and what its scheduler feeds the model before it joins (prompt, or a session's pending token)."""
         model = served.model
         tokenizer = model.tokenizer
         if request.WhichOneof("start") == "session":
             saved = self.sessions.decode(request.session, served.model_id, model.state_names)
-            logits, state = model.step(np.array([saved.pending_token], dtype=np.int64), saved.state)
+            job = PrefillJob([saved.pending_token], saved.state)
             decoder = tokenizer.stream_decoder()
             decoder.restore(saved.decoder_pending)
             row = Row(params, rng_from_state(saved.rng_state), decoder, list(saved.history_tail),
                       generated_before=saved.generated_before, keep_text=False)
             prompt_tokens = 0
-            state = BatchState(state)
         else:
             ids = tokenizer.encode(request.prompt, on_unknown=params.on_unknown)
             prompt_ids = ids if ids else tokenizer.start_ids()
-            logits, state = DecodeEngine(model).prefill(prompt_ids)
+            job = PrefillJob(list(prompt_ids))  # from the zero state: the prefix cache applies
             row = Row(params, row_generator(resolve_seed(params.seed), 0), tokenizer.stream_decoder(), list(prompt_ids),
                       keep_text=False)  # the text is streamed, not kept: a stream's memory stays constant
             prompt_tokens = len(ids)
         row.capture_state = request.return_session
         stream = Stream(row, prompt_tokens)
-        row.tag = stream
-        return stream, logits, state
+        row.tag = job.tag = stream
+        return stream, job
 
     async def _responses(self, served: ServedModel, stream: Stream, request, start: float):
         """The stream's messages: each carries what accumulated since the last (see rnngen.serving.delivery)."""
