@@ -47,8 +47,10 @@ def test_prefix_cache_keeps_the_recently_used_within_its_budget():
 
 def test_chunked_batched_prefill_equals_one_whole_prefill(char_model_file):
     model = RnnModel.load(char_model_file, device="cpu")
-    prompts = [model.tokenizer.encode(t) for t in ("the quick brown fox jumps over the lazy dog. " * 6, "a stitch", "to")]
-    prefiller = Prefiller(model, PrefixCache(1 << 20), chunk=7)
+    texts = ("the quick brown fox jumps over the lazy dog. " * 6, "to be or not to be, that is the question. " * 4,
+             "a stitch in time saves", "to")
+    prompts = [model.tokenizer.encode(t) for t in texts]
+    prefiller = Prefiller(model, PrefixCache(1 << 20), chunk=7, max_batch=2)
     jobs = [PrefillJob(p) for p in prompts]
     for job in jobs:
         prefiller.start(job)
@@ -56,7 +58,7 @@ def test_chunked_batched_prefill_equals_one_whole_prefill(char_model_file):
     while not all(j.finished for j in jobs):
         prefiller.round(jobs)
         finished_order += [i for i, j in enumerate(jobs) if j.finished and i not in finished_order]
-    assert finished_order == [2, 1, 0]  # shortest first: short prompts never wait for long ones
+    assert finished_order == [3, 2, 1, 0]  # fewest tokens left first: short prompts never wait for long ones
     for prompt, job in zip(prompts, jobs):
         logits, state = model.prefill(prompt)
         np.testing.assert_allclose(job.logits, logits, rtol=1e-5, atol=1e-5)
