@@ -11,7 +11,11 @@ project's issue):
   - aggregate vs the engine's bare batch-64 throughput (same model, in-process)  [64: >= 0.7x, 256: >= 0.6x]
   - aggregate vs the same server decoding each stream on its own (--per-stream)  [>= 4x]
   - p99 time per output token and p99 message gap vs the engine's batch-64 step  [<= 3x]
-Clients run in this process on grpc.aio; the server is a separate process.
+  - a short request's time to first token while four 20,000-character prompts
+    prefill vs the same request on an idle server                               [<= 5x]
+  - time to first token for a prompt whose first 2,000 tokens were seen before:
+    server with the prefix cache vs one without (--prefix-cache-mb 0), alternated
+Clients run in this process on grpc.aio; the servers are separate processes.
 """
 
 from __future__ import annotations
@@ -83,6 +87,63 @@ async def run_streams(port: int, streams: int, tokens: int) -> dict:
     return {"tps": sum(counts) / wall, "mps": messages[0] / wall, "ttft": ttft, "gaps": gaps, "per_token": per_token}
 
 
+async def first_token_s(stub, prompt: str, tokens: int = 1) -> float:
+    from rnngen.v1 import rnngen_pb2 as pb
+
+    request = pb.GenerateRequest(prompt=prompt, params=pb.GenerationParameters(max_new_tokens=tokens, seed=0))
+    t0 = time.perf_counter()
+    async for _ in stub.Generate(request):
+        return time.perf_counter() - t0
+
+
+LINE = "ROMEO:\nBut soft, what light through yonder window breaks? It is the east, and Juliet is the sun.\n"
+
+
+async def short_under_long_prompts(port: int, long_chars: int = 20_000, samples: int = 7) -> tuple[float, float]:
+    """Median TTFT of a short request on an idle server, then while four long prompts prefill."""
+    import grpc
+
+    from rnngen.v1 import rnngen_pb2_grpc as pb_grpc
+
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = pb_grpc.GeneratorStub(channel)
+        idle = [await first_token_s(stub, "JULIET:") for _ in range(samples)]
+        longs = [asyncio.ensure_future(first_token_s(stub, (head + LINE * (long_chars // len(LINE) + 1))[:long_chars]))
+                 for head in "ABCD"]  # four different first characters: nothing shared for the prefix cache
+        await asyncio.sleep(0.05)
+        loaded = []
+        for _ in range(samples):
+            if all(f.done() for f in longs):
+                break
+            loaded.append(await first_token_s(stub, "JULIET:"))
+        long_ttft = await asyncio.gather(*longs)
+    print(f"long prompts | 4 x {long_chars:,} characters prefilled in {max(long_ttft):.2f} s "
+          f"({len(loaded)} short requests measured meanwhile)")
+    return statistics.median(idle), statistics.median(loaded) if loaded else float("nan")
+
+
+async def cached_vs_uncached(cached_port: int, uncached_port: int, prefix_chars: int = 2000, samples: int = 7
+                             ) -> tuple[float, float]:
+    """Median TTFT of prompts sharing a 2,000-token prefix (char model: characters are tokens), alternated."""
+    import grpc
+
+    from rnngen.v1 import rnngen_pb2_grpc as pb_grpc
+
+    prefix = (LINE * (prefix_chars // len(LINE) + 1))[:prefix_chars]
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{cached_port}") as a, \
+            grpc.aio.insecure_channel(f"127.0.0.1:{uncached_port}") as b:
+        cached, uncached = pb_grpc.GeneratorStub(a), pb_grpc.GeneratorStub(b)
+        for warm in ("ROMEO: ", "JULIET: "):  # the second one's state where it parts from the first is kept
+            await first_token_s(cached, prefix + warm)
+            await first_token_s(uncached, prefix + warm)
+        with_cache, without = [], []
+        for i in range(samples):
+            suffix = f"Nurse {'abcdefghij'[i]}: "
+            with_cache.append(await first_token_s(cached, prefix + suffix))
+            without.append(await first_token_s(uncached, prefix + suffix))
+    return statistics.median(with_cache), statistics.median(without)
+
+
 def pct(values, q):
     return float(np.percentile(values, q)) * 1e3 if values else float("nan")
 
@@ -118,6 +179,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=200, help="tokens per stream")
     parser.add_argument("--threads", type=int, default=0, help="the server's onnxruntime threads (0: one per core)")
     parser.add_argument("--message-rate", type=float, default=None, help="the server's --message-rate (default: its own)")
+    parser.add_argument("--skip-prefill", action="store_true", help="skip the long-prompt and prefix-cache figures")
     args = parser.parse_args()
     levels = [int(s) for s in args.streams.split(",")]
     print(f"rnngen serve benchmark: {args.model}, {args.tokens} tokens per stream, device {args.device}, "
@@ -131,6 +193,10 @@ def main() -> None:
                               extra=extra)
     try:
         asyncio.run(run_streams(port, 4, 20))  # warm-up
+        if not args.skip_prefill:
+            idle, loaded = asyncio.run(short_under_long_prompts(port))
+            print(f"short request TTFT | while 4 x 20,000-character prompts prefill {loaded * 1e3:.2f} ms vs idle "
+                  f"{idle * 1e3:.2f} ms | ratio {loaded / idle:.2f}x (target <= 5x)", flush=True)
         for n in levels:
             r = results[n] = asyncio.run(run_streams(port, n, args.tokens))
             print(f"batched server | {n:4d} streams | {r['tps']:10,.0f} tok/s | {r['mps']:8,.0f} msg/s | "
@@ -140,6 +206,19 @@ def main() -> None:
     finally:
         proc.terminate()
         proc.wait(10)
+
+    if not args.skip_prefill:
+        cached_proc, cached_port = start_server(args.model, args.device, False, 64, args.threads, extra=extra)
+        uncached_proc, uncached_port = start_server(args.model, args.device, False, 64, args.threads,
+                                                    extra=(*extra, "--prefix-cache-mb", "0"))
+        try:
+            with_cache, without = asyncio.run(cached_vs_uncached(cached_port, uncached_port))
+        finally:
+            for p in (cached_proc, uncached_proc):
+                p.terminate()
+                p.wait(10)
+        print(f"2,000-token shared prefix | TTFT with the prefix cache {with_cache * 1e3:.2f} ms vs without "
+              f"{without * 1e3:.2f} ms | {without / with_cache:.1f}x faster", flush=True)
 
     if 64 in results:
         proc, port = start_server(args.model, args.device, per_stream=True, max_active=64, threads=args.threads,

@@ -2,10 +2,12 @@
 
 A scheduler runs at most one prefill round between two decoding steps: one
 batched Loop-graph call that advances up to `max_batch` waiting prompts by the
-same number of tokens T, at most `chunk`. Prompts with the fewest tokens left
-go first and T never passes the shortest one's end, so a short prompt is done
-in the next round however long the others are, and a long prompt costs the
-decoding streams at most one chunk's time per step.
+same number of tokens T. T is at most `chunk`, and at most what fits in
+`slice_s` seconds at the time per token measured in earlier rounds, so a round
+costs the decoding streams (and a new request) a few milliseconds at most.
+Prompts with the fewest tokens left go first and T never passes the shortest
+one's end, so a short prompt is done in the next round however long the
+others are.
 
 The cache keeps, within a byte budget (least recently used first out), the
 state and next-token logits after prompt prefixes it has seen: after every
@@ -19,6 +21,7 @@ uncached (up to float rounding between chunk shapes).
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -26,7 +29,8 @@ import numpy as np
 
 from rnngen.model.runtime import RnnModel
 
-DEFAULT_CHUNK = 64  # tokens per prompt per round
+DEFAULT_CHUNK = 256  # tokens per prompt per round, at most
+SLICE_S = 0.004  # a round's target duration
 DEFAULT_CACHE_MB = 64.0
 
 
@@ -136,10 +140,12 @@ class Prefiller:
     """Chunked, batched prefill rounds for one model (called from its scheduler's thread only)."""
 
     def __init__(self, model: RnnModel, cache: PrefixCache | None, chunk: int = DEFAULT_CHUNK, max_batch: int = 16,
-                 metrics=None, name: str = ""):
+                 metrics=None, name: str = "", slice_s: float = SLICE_S):
         self.model = model
         self.cache = cache
         self.chunk = chunk
+        self.slice_s = slice_s
+        self._token_s: float | None = None  # seconds per token of a round (moving average)
         self.max_batch = max_batch
         self.metrics = metrics
         self.name = name
@@ -171,11 +177,15 @@ class Prefiller:
         chosen = sorted((j for j in jobs if not j.finished), key=lambda j: len(j.tokens) - j.done)[: self.max_batch]
         if not chosen:
             return
-        step = min(min(self.chunk, self._next_stop(j) - j.done) for j in chosen)
+        fits = max(1, int(self.slice_s / self._token_s)) if self._token_s else 8
+        step = min(min(self.chunk, fits, self._next_stop(j) - j.done) for j in chosen)
         tokens = np.array([j.tokens[j.done : j.done + step] for j in chosen], dtype=np.int64)  # (B, T)
         zero = self.model.initial_state(1)
         state = {k: np.concatenate([(j.state or zero)[k] for j in chosen], axis=1) for k in zero}  # (L, B, H)
+        started = time.perf_counter()
         logits, state = self.model.run(tokens, state)  # (B, T, V)
+        token_s = (time.perf_counter() - started) / step
+        self._token_s = token_s if self._token_s is None else 0.8 * self._token_s + 0.2 * token_s
         for i, job in enumerate(chosen):
             job.state = {k: v[:, i : i + 1] for k, v in state.items()}
             job.done += step
