@@ -50,9 +50,9 @@ def test_manifests_fit_the_server():
     assert metric in exported
 
 
-def start_replica(model: Path, secret: str) -> tuple[subprocess.Popen, int]:
+def start_replica(model: Path, secret: str, grace: str = "5") -> tuple[subprocess.Popen, int]:
     env = {**os.environ, "RNNGEN_SESSION_SECRET": secret}
-    proc = subprocess.Popen([sys.executable, "-m", "rnngen", "serve", "-m", str(model), "--port", "0", "--grace", "5"],
+    proc = subprocess.Popen([sys.executable, "-m", "rnngen", "serve", "-m", str(model), "--port", "0", "--grace", grace],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     line = proc.stdout.readline()
     match = re.search(r"127\.0\.0\.1:(\d+)", line)
@@ -86,3 +86,82 @@ def test_a_session_continues_on_another_replica_after_its_server_stops(char_mode
             if proc.poll() is None:
                 proc.kill()
                 proc.wait(10)
+
+
+def test_rolling_restart_three_servers_stopped_in_turn_lose_no_stream(char_model_file):
+    """Streams move from server to server as each stops; the text is that of one uninterrupted run."""
+    import threading
+    import time
+
+    from rnngen.decoding.generation import generate
+    from rnngen.model.runtime import RnnModel
+    from rnngen.serving.server import RnngenServer, ServerConfig
+
+    secret = b"rolling-secret-0123456789abcdef"
+    servers = [RnngenServer(ServerConfig(models=[char_model_file], port=0, session_secret=secret)).start() for _ in range(3)]
+    jobs = [GenerationParams(max_new_tokens=6000, temperature=0.0),
+            GenerationParams(max_new_tokens=6000, temperature=0.0, seed=1),
+            GenerationParams(max_new_tokens=6000, temperature=0.9, seed=7),
+            GenerationParams(max_new_tokens=6000, temperature=1.3, seed=8)]
+    prompts = ["the ", "to be", "a stitch", "all that"]
+    results = [None] * len(jobs)
+    addresses = ",".join(f"127.0.0.1:{s.port}" for s in servers)
+
+    def run(i):
+        with RnngenClient(addresses) as client:
+            messages = list(client.generate(prompts[i], params=jobs[i], return_token_ids=True))
+        results[i] = messages
+
+    def active(server):
+        return server.models[0].scheduler.active
+
+    def wait_for(predicate, timeout=30.0):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and not predicate():
+            time.sleep(0.005)
+        return predicate()
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(jobs))]
+    try:
+        for t in threads:
+            t.start()
+        for stopping, following in ((servers[0], servers[1]), (servers[1], servers[2])):
+            assert wait_for(lambda: active(stopping) == len(jobs))  # every stream runs here now
+            stopping.drain(grace_s=0.0)  # the grace period is over at once: each stream gets its session token
+            assert wait_for(lambda: active(following) > 0)
+        for t in threads:
+            t.join(60)
+    finally:
+        for s in servers:
+            s.shutdown()
+    local = RnnModel.load(char_model_file, device="cpu")
+    for prompt, params, messages in zip(prompts, jobs, results):
+        assert messages is not None
+        assert "".join(m.text for m in messages) == generate(local, prompt, params).text
+        assert sum(len(m.token_ids) for m in messages) == 6000
+        assert [m.finish_reason for m in messages if m.finish_reason] == [1]  # LENGTH, once, at the end: no trace of a move
+        assert messages[-1].usage.completion_tokens == 6000 and messages[-1].usage.prompt_tokens == len(prompt)
+
+
+def test_a_drain_that_cuts_streams_exits_zero_and_hands_each_its_session(char_model_file):
+    from rnngen.v1 import rnngen_pb2 as pb
+    from rnngen.v1 import rnngen_pb2_grpc as pb_grpc
+    import grpc
+
+    proc, port = start_replica(char_model_file, "exit-secret-0123456789abcdef", grace="0.5")
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = pb_grpc.GeneratorStub(channel)
+            streams = [stub.Generate(pb.GenerateRequest(prompt="the ", params=pb.GenerationParameters(
+                max_new_tokens=10_000_000, seed=i))) for i in range(3)]
+            for s in streams:
+                next(s)
+            proc.send_signal(signal.SIGTERM)
+            lasts = [list(s)[-1] for s in streams]
+        assert all(m.finish_reason == pb.FINISH_REASON_INTERRUPTED and m.session for m in lasts)
+        assert proc.wait(30) == 0
+        assert proc.stdout.read().strip().endswith("stopped")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)

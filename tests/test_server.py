@@ -1,13 +1,16 @@
 """A real gRPC server on 127.0.0.1: streaming, batching, cancel, overload, drain, TLS, auth, sessions."""
 
+import contextlib
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
 import urllib.request
+from pathlib import Path
 
 import grpc
 import pytest
@@ -17,6 +20,8 @@ from rnngen.serving.client import RnngenClient
 from rnngen.decoding.generation import generate
 from rnngen.model.runtime import RnnModel
 from rnngen.decoding.params import GenerationParams
+from rnngen.errors import RnngenError
+from rnngen.serving import server as server_module
 from rnngen.serving.server import RnngenServer, ServerConfig
 from rnngen.v1 import rnngen_pb2 as pb
 from rnngen.v1 import rnngen_pb2_grpc as pb_grpc
@@ -119,12 +124,13 @@ def test_cancel_mid_stream_frees_the_row(start_server):
 
 
 def test_deadline_ends_the_stream_and_frees_the_row(start_server):
-    server = start_server()
+    server = start_server(metrics_port=0)
     with client_for(server) as client:
         with pytest.raises(grpc.RpcError) as err:
             collect(client.generate("a", params=GenerationParams(max_new_tokens=10_000_000), timeout=0.3))
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert wait_until(lambda: server.models[0].scheduler.active == 0)
+    assert wait_until(lambda: requests_counted(server) == {"DEADLINE_EXCEEDED": 1.0}), requests_counted(server)
 
 
 def health_status(port, service=""):
@@ -460,3 +466,148 @@ def test_a_failing_processor_ends_its_own_stream_only(start_server):
         assert "processor ban:xyz: no token is left to choose" in info.value.details()
         rest = list(long)
     assert rest[-1].usage.completion_tokens == 400 and len(first.text + "".join(m.text for m in rest)) == 400
+
+
+# -- delivery --------------------------------------------------------------------------------------
+
+
+def test_a_fast_stream_arrives_in_coalesced_messages_with_the_same_text(start_server, char_model_file):
+    server = start_server(message_rate=20.0)  # a lone stream is flushed every 50 ms
+    params = GenerationParams(max_new_tokens=3000, seed=5)
+    with client_for(server) as client:
+        messages = list(client.generate("the ", params=params, return_token_ids=True))
+    assert sum(len(m.token_ids) for m in messages) == 3000
+    assert len(messages) < 3000 / 10  # many tokens per message (one per token without coalescing)
+    assert "".join(m.text for m in messages) == generate(RnnModel.load(char_model_file, device="cpu"), "the ", params).text
+
+
+def test_waiting_streams_join_in_one_batched_admission(start_server):
+    server = start_server()
+    served = server.models[0]
+    scheduler, engine = served.scheduler, served.scheduler._engines[0]
+    added = []
+    real_add = engine.add
+    engine.add = lambda rows, logits, state: added.append(len(rows)) or real_add(rows, logits, state)
+    params = GenerationParams(max_new_tokens=5, seed=1)
+    with scheduler._lock:  # the decoding thread cannot take any of them before all five wait
+        for prompt in ("the", "cat", "sat", "on ", "a m"):  # one length: prefilled in the same round
+            scheduler.reserve()
+            scheduler.enqueue(server.service._prefill(served, pb.GenerateRequest(prompt=prompt), params)[1])
+    assert wait_until(lambda: added and scheduler.active == 0 and scheduler.queued == 0)
+    assert added == [5]
+
+
+# -- operations ------------------------------------------------------------------------------------
+
+
+def test_a_port_in_use_is_refused_in_one_line(start_server, char_model_file, monkeypatch):
+    from rnngen.cli import create_app
+    from typer.testing import CliRunner
+
+    server = start_server()
+    result = CliRunner().invoke(create_app(), ["serve", "-m", str(char_model_file), "--port", str(server.port)])
+    assert result.exit_code == 1
+    assert result.stderr.strip().splitlines()[-1] == (f"error: --port {server.port}: cannot listen on 127.0.0.1:"
+                                                      f"{server.port} (in use by another process, or not an address of this host)")
+    assert "Traceback" not in result.output and "Failed to add port" not in result.stderr
+    # Behind that check gRPC itself refuses the port (no SO_REUSEPORT), for a server that binds in the gap.
+    monkeypatch.setattr(server_module, "port_is_free", lambda host, port: True)
+    with pytest.raises(RnngenError, match=f"--port {server.port}: cannot listen"):
+        RnngenServer(ServerConfig(models=[char_model_file], port=server.port))
+    with client_for(server) as client:  # the first server still has the port alone
+        assert collect(client.generate("a", params=GenerationParams(max_new_tokens=3)))[1].usage.completion_tokens == 3
+
+
+def test_start_up_errors_name_the_file_or_port(start_server, char_model_file, tmp_path):
+    if subprocess.run(["which", "openssl"], capture_output=True).returncode != 0:
+        pytest.skip("openssl is not installed")
+    from rnngen.cli import create_app
+    from typer.testing import CliRunner
+
+    key, cert = make_cert(tmp_path)
+    (tmp_path / "other").mkdir()
+    other_key, _ = make_cert(tmp_path / "other")
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("not a certificate\n")
+    busy = start_server(metrics_port=0).metrics_port
+    serve = ["serve", "-m", str(char_model_file), "--port", "0"]
+    cases = [
+        (["--tls-cert", str(tmp_path / "nope.pem"), "--tls-key", str(key)], f"--tls-cert {tmp_path / 'nope.pem'}: No such file"),
+        (["--tls-cert", str(garbage), "--tls-key", str(key)], f"--tls-cert {garbage}: not a PEM certificate"),
+        (["--tls-cert", str(cert), "--tls-key", str(garbage)], f"--tls-key {garbage}: not a PEM private key"),
+        (["--tls-cert", str(cert), "--tls-key", str(other_key)], f"--tls-key {other_key}: does not match the certificate"),
+        (["--session-secret-file", str(tmp_path / "secret")], f"--session-secret-file {tmp_path / 'secret'}: No such file"),
+        (["--metrics-port", str(busy)], f"--metrics-port {busy}: cannot listen on 127.0.0.1:{busy} (in use"),
+    ]
+    for extra, needle in cases:
+        result = CliRunner().invoke(create_app(), serve + extra)
+        assert result.exit_code == 1, (extra, result.output)
+        errors = [line for line in result.stderr.strip().splitlines() if "session secret" not in line]
+        assert len(errors) == 1 and errors[0].startswith("error: ") and needle in errors[0], (extra, result.stderr)
+
+
+def test_undecodable_requests_are_invalid_argument(start_server):
+    server = start_server()
+    bad_utf8 = b"\x12\x02\xff\xfe"  # field 2 (prompt) holding bytes that are not UTF-8
+    truncated = b"\x12\x09ab"  # field 2 says 9 bytes, 2 follow
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        for method, response in (("Generate", pb.GenerateResponse), ("Tokenize", pb.TokenizeResponse)):
+            call = (channel.unary_stream if method == "Generate" else channel.unary_unary)(
+                f"/rnngen.v1.Generator/{method}", response_deserializer=response.FromString)
+            for raw in (bad_utf8, truncated):
+                with pytest.raises(grpc.RpcError) as err:
+                    reply = call(raw, timeout=5)
+                    list(reply) if method == "Generate" else reply
+                assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (method, raw)
+                assert f"not a valid rnngen.v1.{method}Request" in err.value.details()
+
+
+def requests_counted(server):
+    body = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=5).read().decode()
+    return {status: float(n) for status, n in re.findall(r'rnngen_requests_total\{model="char",status="(\w+)"\} (\S+)', body)}
+
+
+def test_a_cancel_after_the_last_token_counts_as_ok_and_one_before_as_cancelled(start_server):
+    server = start_server(metrics_port=0)
+    with client_for(server) as client:
+        for i in range(8):
+            stream = client.generate("a", params=GenerationParams(max_new_tokens=10, seed=i))
+            while not next(stream).finish_reason:
+                pass
+            stream.cancel()  # the last message is in: the stream was complete
+        long = client.generate("a", params=GenerationParams(max_new_tokens=1_000_000, seed=1))
+        next(long)
+        long.cancel()
+    assert wait_until(lambda: requests_counted(server) == {"OK": 8.0, "CANCELLED": 1.0}), requests_counted(server)
+
+
+def test_every_status_the_server_returns_is_documented():
+    from rnngen.serving.protocol import STATUS_OF
+
+    table = (Path(__file__).resolve().parent.parent / "docs" / "serving.md").read_text().split("## Status codes")[1]
+    rows = [line.split("|")[1] for line in table.split("\n## ")[0].splitlines() if line.startswith("| ")]
+    documented = {code.strip() for row in rows for code in row.split(",")}
+    returned = {code.name for _, code in STATUS_OF} | {"OK", "UNAUTHENTICATED", "DEADLINE_EXCEEDED", "CANCELLED",
+                                                      "INTERNAL", "UNIMPLEMENTED", "UNAVAILABLE", "RESOURCE_EXHAUSTED"}
+    assert returned <= documented, returned - documented
+
+
+def test_generate_server_goes_on_to_the_next_address(start_server, char_model_file):
+    from rnngen.cli import create_app
+    from typer.testing import CliRunner
+
+    server = start_server()
+    with socket_on_a_closed_port() as dead:
+        result = CliRunner().invoke(create_app(), ["generate", "--server", f"127.0.0.1:{dead},127.0.0.1:{server.port}",
+                                                   "-p", "the ", "-n", "30", "--seed", "3", "-q"])
+    assert result.exit_code == 0, result.output
+    local = generate(RnnModel.load(char_model_file, device="cpu"), "the ", GenerationParams(max_new_tokens=30, seed=3))
+    assert result.stdout == "the " + local.text + "\n"
+
+
+@contextlib.contextmanager
+def socket_on_a_closed_port():
+    """A port nobody listens on (bound, never listening, so no other test takes it meanwhile)."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        yield holder.getsockname()[1]

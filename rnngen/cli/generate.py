@@ -42,7 +42,7 @@ def generate(
     top_alternatives: int = typer.Option(5, "--top-alternatives", help="With --introspect: alternatives listed per token."),
     unit: Optional[List[str]] = typer.Option(None, "--unit", help="With --introspect: report this state unit per token, e.g. l1.c[42] (repeatable)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only the text, no statistics."),
-    server: Optional[str] = typer.Option(None, "--server", help="Generate on an rnngen server at HOST:PORT instead of locally."),
+    server: Optional[str] = typer.Option(None, "--server", help="Generate on an rnngen server at HOST:PORT instead of locally; several joined with ',' (or a DNS name with several servers): a stream cut by a stopping server continues on the next."),
     tls_ca: Optional[Path] = typer.Option(None, "--tls-ca", help="With --server: CA certificate of a TLS server."),
     token: Optional[str] = typer.Option(None, "--token", envvar="RNNGEN_AUTH_TOKEN", help="With --server: bearer token."),
     session_out: Optional[Path] = typer.Option(None, "--session-out", help="With --server: save a session token here to resume later."),

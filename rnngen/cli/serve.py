@@ -26,9 +26,12 @@ def serve(
     auth_token: Optional[str] = typer.Option(None, "--auth-token", envvar="RNNGEN_AUTH_TOKEN", help="Require this bearer token."),
     tls_cert: Optional[Path] = typer.Option(None, "--tls-cert", envvar="RNNGEN_TLS_CERT", help="TLS certificate (PEM)."),
     tls_key: Optional[Path] = typer.Option(None, "--tls-key", envvar="RNNGEN_TLS_KEY", help="TLS private key (PEM)."),
-    grace: float = typer.Option(30.0, "--grace", help="On SIGTERM: seconds for in-flight streams to finish."),
+    grace: float = typer.Option(30.0, "--grace", help="On SIGTERM: seconds for in-flight streams to finish; then each gets a last message with its session token (given a session secret) to continue on another server."),
     threads: int = typer.Option(0, "--threads", envvar="RNNGEN_THREADS", help="onnxruntime threads per model (0: one per core)."),
     max_prompt_tokens: int = typer.Option(1_000_000, "--max-prompt-tokens", envvar="RNNGEN_MAX_PROMPT_TOKENS", help="Refuse prompts longer than this many tokens (prompts prefill in constant memory; this bounds their time)."),
+    message_rate: float = typer.Option(2000.0, "--message-rate", envvar="RNNGEN_MESSAGE_RATE", help="Messages per second, all streams together: each stream's text goes out every (open streams / this) seconds, coalesced (lower: more CPU for decoding; higher: smaller gaps)."),
+    prefill_chunk: int = typer.Option(256, "--prefill-chunk", envvar="RNNGEN_PREFILL_CHUNK", help="At most this many prompt tokens per prompt between two decoding steps (fewer when that would take over 4 ms)."),
+    prefix_cache_mb: float = typer.Option(64.0, "--prefix-cache-mb", envvar="RNNGEN_PREFIX_CACHE_MB", help="Memory per model for states after prompt prefixes seen before (0: no prefix cache)."),
     per_stream: bool = typer.Option(False, "--per-stream", help="Decode each stream on its own (a benchmark baseline, not for production)."),
 ) -> None:
     from rnngen.errors import InvalidParameterError
@@ -46,6 +49,7 @@ def serve(
                           max_active=max_active, max_queued=max_queued, device=device, session_secret=secret,
                           session_ttl_s=session_ttl, auth_token=auth_token, tls_cert=tls_cert, tls_key=tls_key,
                           grace_s=grace, threads=threads, per_stream=per_stream, max_prompt_tokens=max_prompt_tokens,
+                          message_rate=message_rate, prefill_chunk=prefill_chunk, prefix_cache_mb=prefix_cache_mb,
                           tokenizers=tokenizer_kinds(), processors=processor_factories())
     serve_forever(config, announce=lambda line: print(line, flush=True))
 

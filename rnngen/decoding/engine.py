@@ -32,6 +32,7 @@ FINISH_LENGTH = "length"  # max_new_tokens reached
 FINISH_STOP = "stop"  # a stop string was generated
 FINISH_CANCELLED = "cancelled"  # the caller removed the row
 FINISH_ERROR = "error"  # one of the row's logits processors failed (RowUpdate.error says how)
+FINISH_INTERRUPTED = "interrupted"  # the caller asked the row to leave early (Row.leave), e.g. a server stopping
 
 
 class BatchState:
@@ -198,6 +199,8 @@ class DecodeEngine:
                     text += row.stops.push(row.decoder.flush())
                     text += row.stops.flush()
                 row.finish_reason = FINISH_STOP if row.stops.stopped else FINISH_LENGTH
+            elif row.leave:
+                row.finish_reason = FINISH_INTERRUPTED
             else:
                 keep.append(i)
             row.record(token, text, float(logprobs[i]))

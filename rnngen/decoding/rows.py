@@ -89,6 +89,7 @@ class Row:
     logit_processors: list = field(default_factory=list)  # built from params.processors when the row joins
     units: list = field(default_factory=list)  # introspection: the state units to report, parsed when the row joins
     error: Exception | None = None  # a logits processor failed on this row: it ends, the batch goes on
+    leave: bool = False  # leave after the next token, unflushed (its state captured if capture_state: resumable)
     _pieces: list[str] = field(default_factory=list, repr=False)
 
     @classmethod

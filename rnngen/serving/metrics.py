@@ -12,6 +12,8 @@ class ServerMetrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("rnngen_requests", "Generate calls by model and final status", ["model", "status"], registry=r)
+        self.interrupted = Counter("rnngen_interrupted_streams", "Streams handed back with a session token by a stopping server",
+                                   ["model"], registry=r)
         self.active = Gauge("rnngen_active_streams", "Streams decoding now", ["model"], registry=r)
         self.queued = Gauge("rnngen_queued_requests", "Accepted streams waiting for a row", ["model"], registry=r)
         self.generated = Counter("rnngen_generated_tokens", "Tokens generated (rate() gives tokens/s)", ["model"], registry=r)
@@ -19,6 +21,14 @@ class ServerMetrics:
                               buckets=LATENCY_BUCKETS, registry=r)
         self.itl = Histogram("rnngen_inter_token_latency_seconds", "Between consecutive messages of a stream", ["model"],
                              buckets=LATENCY_BUCKETS, registry=r)
+        self.prefix_hits = Counter("rnngen_prefix_cache_hits", "Prompts that started from a cached prefix state", ["model"],
+                                   registry=r)
+        self.prefix_misses = Counter("rnngen_prefix_cache_misses", "Prompts prefilled from their first token", ["model"],
+                                     registry=r)
+        self.prefix_hit_tokens = Counter("rnngen_prefix_cache_hit_tokens", "Prompt tokens not prefilled thanks to the cache",
+                                         ["model"], registry=r)
+        self.prefix_cache_bytes = Gauge("rnngen_prefix_cache_bytes", "Bytes of states and logits in the prefix cache",
+                                        ["model"], registry=r)
         self.wait = Histogram("rnngen_queue_wait_seconds", "From prefill done to joining the batch", buckets=LATENCY_BUCKETS, registry=r)
 
     def serve_http(self, port: int, host: str = "127.0.0.1"):
@@ -35,3 +45,13 @@ class ServerMetrics:
 
     def queue_wait(self, seconds: float) -> None:
         self.wait.observe(seconds)
+
+    def prefix_lookup(self, model: str, cached_tokens: int) -> None:
+        if cached_tokens:
+            self.prefix_hits.labels(model).inc()
+            self.prefix_hit_tokens.labels(model).inc(cached_tokens)
+        else:
+            self.prefix_misses.labels(model).inc()
+
+    def prefix_bytes(self, model: str, size: int) -> None:
+        self.prefix_cache_bytes.labels(model).set(size)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import grpc
 
-from rnngen.decoding.engine import FINISH_LENGTH, FINISH_STOP
+from rnngen.decoding.engine import FINISH_INTERRUPTED, FINISH_LENGTH, FINISH_STOP
 from rnngen.decoding.params import GenerationParams
 from rnngen.errors import InvalidParameterError, ModelNotFoundError, OverloadedError, SessionExpiredError, SessionTokenError, ShuttingDownError, TokenizerError
 from rnngen.v1 import rnngen_pb2 as pb
@@ -41,7 +41,8 @@ def error_details(exc: Exception) -> str:
     return exc.in_terms_of(PROTO_FIELD_OF) if isinstance(exc, InvalidParameterError) else str(exc)
 
 
-FINISH_TO_PB = {FINISH_LENGTH: pb.FINISH_REASON_LENGTH, FINISH_STOP: pb.FINISH_REASON_STOP}
+FINISH_TO_PB = {FINISH_LENGTH: pb.FINISH_REASON_LENGTH, FINISH_STOP: pb.FINISH_REASON_STOP,
+                FINISH_INTERRUPTED: pb.FINISH_REASON_INTERRUPTED}
 
 # Fields with presence: unset means the default (GenerationParams' own).
 _OPTIONAL_FIELDS = ("max_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty",

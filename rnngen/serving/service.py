@@ -2,7 +2,8 @@
 
 Requests are mapped in rnngen.serving.protocol; each stream's prompt is
 prefilled off the event loop, then its row joins the model's scheduler, whose
-per-step updates come back to the loop in one call and go out as messages.
+per-step updates collect in the Outbox and go out as coalesced messages
+(rnngen.serving.delivery).
 """
 
 from __future__ import annotations
@@ -15,16 +16,18 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from rnngen.decoding.engine import DecodeEngine, resume
-from rnngen.decoding.rows import Row, resolve_seed, row_generator
+from rnngen.decoding.engine import FINISH_INTERRUPTED, resume
 from rnngen.decoding.params import DEFAULT_MAX_PROMPT_TOKENS, GenerationParams, check_prompt_length
+from rnngen.decoding.rows import Row, resolve_seed, row_generator
 from rnngen.decoding.processors import ProcessorFactories, build_processors
 from rnngen.errors import ModelNotFoundError, RnngenError
 from rnngen.model.runtime import RnnModel
 from rnngen.model.units import state_units
+from rnngen.serving.delivery import Outbox, Pending, Stream
 from rnngen.serving.metrics import ServerMetrics
+from rnngen.serving.prefill import PrefillJob
 from rnngen.serving.protocol import FINISH_TO_PB, details_to_pb, error_details, params_from_pb, status_of
-from rnngen.serving.scheduler import END, Scheduler, Stream
+from rnngen.serving.scheduler import Scheduler
 from rnngen.serving.sessions import SessionCodec, model_identity
 from rnngen.v1 import rnngen_pb2 as pb
 from rnngen.v1 import rnngen_pb2_grpc as pb_grpc
@@ -54,15 +57,19 @@ class ServedModel:
 class GeneratorService(pb_grpc.GeneratorServicer):
     """The rnngen.v1.Generator service on grpc.aio: one event loop serves every stream's I/O."""
 
-    def __init__(self, sessions: SessionCodec, metrics: ServerMetrics, loop: asyncio.AbstractEventLoop,
-                 prefill_threads: int = 4, processors: ProcessorFactories | None = None,
+    def __init__(self, sessions: SessionCodec, metrics: ServerMetrics, outbox: Outbox,
+                 prefill_threads: int = 4, processors: ProcessorFactories | None = None, resumable: bool = False,
                  max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS):
         self.models: dict[str, ServedModel] = {}  # filled by serve_models() once their schedulers exist
         self.default = ""
         self.sessions = sessions
         self.metrics = metrics
-        self.loop = loop
-        # Prompts are prefilled off the event loop (onnxruntime releases the GIL while it runs).
+        self.outbox = outbox
+        self.loop = outbox.loop
+        # resumable: session tokens are valid on other replicas (a shared secret), so a stream cut by a
+        # stopping server ends with a token to continue elsewhere.
+        self.resumable = resumable
+        # Requests are tokenized and session tokens checked off the event loop; schedulers run the model.
         self.prefill_pool = futures.ThreadPoolExecutor(max_workers=prefill_threads, thread_name_prefix="rnngen-prefill")
         self.processors = processors  # processor names requests may use (None: the built-ins)
         self.max_prompt_tokens = max_prompt_tokens
@@ -71,16 +78,6 @@ class GeneratorService(pb_grpc.GeneratorServicer):
     def serve_models(self, models: list[ServedModel]) -> None:
         self.models = {m.name: m for m in models}
         self.default = models[0].name
-
-    def sink(self, delivery) -> None:
-        """Called by a scheduler thread once per step: hand the step's updates to the loop in one call."""
-        self.loop.call_soon_threadsafe(self._dispatch, delivery)
-
-    @staticmethod
-    def _dispatch(delivery) -> None:
-        for stream, item in delivery:
-            stream.inbox.append(item)
-            stream.ready.set()
 
     def _served(self, name: str) -> ServedModel:
         served = self.models.get(name or self.default)
@@ -100,8 +97,9 @@ class GeneratorService(pb_grpc.GeneratorServicer):
 
     async def Generate(self, request, context):
         start = time.perf_counter()
+        allowed = context.time_remaining()  # None: the client set no deadline
         name = request.model or self.default
-        status = "CANCELLED"  # unless the stream ends normally or with an error below
+        status = "CANCELLED"  # until the last message is written (a later cancel changes nothing), or an error
         recorded = False
         stream = None
         self.in_flight += 1
@@ -114,17 +112,19 @@ class GeneratorService(pb_grpc.GeneratorServicer):
             units = state_units(params.units, served.model.config)
             served.scheduler.reserve()
             try:
-                stream, logits, state = await self.loop.run_in_executor(
-                    self.prefill_pool, self._prefill, served, request, params)
+                stream, job = await self.loop.run_in_executor(self.prefill_pool, self._prefill, served, request, params)
             except BaseException:
                 served.scheduler.release()
                 raise
             stream.row.logit_processors, stream.row.units = processors, units
-            stream.ready = asyncio.Event()
-            served.scheduler.enqueue(stream, logits, state)
+            stream.want_tokens, stream.want_details = request.return_token_ids, params.introspect
+            stream.wake = asyncio.Event()
+            self.outbox.open_streams += 1
+            served.scheduler.enqueue(job)
             async for message in self._responses(served, stream, request, start):
                 yield message
-            status = "OK"
+                if message.finish_reason:
+                    status = "OK"
         except RnngenError as exc:
             status, recorded = status_of(exc).name, True
             self.metrics.requests.labels(name, status).inc()  # counted before the client can see the error
@@ -139,73 +139,80 @@ class GeneratorService(pb_grpc.GeneratorServicer):
             await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
         finally:
             if stream is not None:
-                stream.cancel()  # a client's cancel or deadline frees the row at the next step
+                self.outbox.open_streams -= 1
+                if status == "CANCELLED":
+                    served.scheduler.cancel(stream)  # a client's cancel or deadline frees the row at the next step
             if not recorded:
+                if status == "CANCELLED" and allowed is not None and time.perf_counter() - start >= allowed:
+                    status = "DEADLINE_EXCEEDED"
                 self.metrics.requests.labels(name, status).inc()
             self.in_flight -= 1
 
-    def _prefill(self, served: ServedModel, request, params: GenerationParams):
+    def _prefill(self, served: ServedModel, request, params: GenerationParams) -> tuple[Stream, PrefillJob]:
+        """The stream's row and what its scheduler feeds the model before it joins (prompt, or a session's pending token)."""
         model = served.model
         tokenizer = model.tokenizer
         if request.WhichOneof("start") == "session":
             saved = self.sessions.decode(request.session, served.model_id, model.state_names)
+            # The pending token is fed here, as the uninterrupted run would have fed it (the same
+            # random draw): the row joins already prefilled.
             row, logits, state = resume(model, saved, params, keep_text=False)
+            job = PrefillJob([], state.arrays, logits=logits)
             prompt_tokens = 0
         else:
             ids = tokenizer.encode(request.prompt, on_unknown=params.on_unknown)
             check_prompt_length(len(ids), self.max_prompt_tokens)
             prompt_ids = ids if ids else tokenizer.start_ids()
-            logits, state = DecodeEngine(model).prefill(prompt_ids)
+            job = PrefillJob(list(prompt_ids))  # from the zero state: the prefix cache applies
             row = Row.start(params, row_generator(resolve_seed(params.seed), 0), tokenizer, prompt_ids,
                             keep_text=False)  # the text is streamed, not kept: a stream's memory stays constant
             prompt_tokens = len(ids)
         row.capture_state = request.return_session
         stream = Stream(row, prompt_tokens)
-        row.tag = stream
-        return stream, logits, state
+        row.tag = job.tag = stream
+        return stream, job
 
     async def _responses(self, served: ServedModel, stream: Stream, request, start: float):
+        """The stream's messages: each carries what accumulated since the last (see rnngen.serving.delivery)."""
         name = served.name
         last = None
         while True:
-            await stream.ready.wait()
-            stream.ready.clear()
-            items, stream.inbox = stream.inbox, []
-            for item in items:
-                if isinstance(item, Exception):
-                    raise item
-            updates = [item for item in items if item is not END]
-            ended = items[-1] is END
-            if updates:
+            await stream.wake.wait()
+            stream.wake.clear()
+            pending = self.outbox.take(stream)
+            if pending.error is not None:
+                raise pending.error
+            if pending.count:
                 now = time.perf_counter()
                 if last is None:
                     self.metrics.ttft.labels(name).observe(now - start)
                 else:
                     self.metrics.itl.labels(name).observe(now - last)
                 last = now
-                message = self._message(served, stream, request, updates)
+                message = self._message(served, stream, request, pending)
                 if message is not None:
                     yield message
-            if ended:
+            if pending.ended:
                 return
 
-    def _message(self, served: ServedModel, stream: Stream, request, updates) -> pb.GenerateResponse | None:
-        """One message for everything decoded since the last: per token for a reader that keeps up."""
-        text = "".join(u.text for u in updates)
-        final = updates[-1] if updates[-1].finished else None
-        if not (text or final or request.return_token_ids or request.params.introspect):
+    def _message(self, served: ServedModel, stream: Stream, request, pending: Pending) -> pb.GenerateResponse | None:
+        """One message for everything decoded since the last."""
+        text = "".join(pending.texts)
+        if not (text or pending.ended or request.return_token_ids or request.params.introspect):
             return None  # a byte model's unfinished character: nothing to show yet
         message = pb.GenerateResponse(text=text)
         if request.return_token_ids:
-            message.token_ids.extend(u.token for u in updates)
+            message.token_ids.extend(pending.tokens)
         if request.params.introspect:
-            message.details.extend(details_to_pb(u.details) for u in updates if u.details is not None)
-        if final is not None:
-            row = final.row
+            message.details.extend(details_to_pb(d) for d in pending.details)
+        if pending.ended:
+            row = stream.row
             message.finish_reason = FINISH_TO_PB[row.finish_reason]
             message.usage.prompt_tokens = stream.prompt_tokens
             message.usage.completion_tokens = row.count
-            if request.return_session:
+            if row.finish_reason == FINISH_INTERRUPTED:
+                self.metrics.interrupted.labels(served.name).inc()
+            if request.return_session or row.finish_reason == FINISH_INTERRUPTED:
                 message.session = self._session_token(served, row)
         return message
 
@@ -234,3 +241,47 @@ class BearerAuth(grpc.aio.ServerInterceptor):
         if hmac.compare_digest(given.encode(), self._expected):
             return await continuation(details)
         return self._deny_stream if details.method.endswith("/Generate") else self._deny_unary
+
+
+class Undecodable:
+    """Stands for a request that did not parse; the method answers INVALID_ARGUMENT instead of running."""
+
+    def __init__(self, message_type: str):
+        self.reason = f"request: not a valid {message_type} (invalid UTF-8 in a string field, or a corrupt message)"
+
+
+class RefuseUndecodable(grpc.aio.ServerInterceptor):
+    """Requests to the Generator service that cannot be decoded get INVALID_ARGUMENT (gRPC itself says UNKNOWN)."""
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        if handler is None or not details.method.startswith(f"/{SERVICE_NAME}/") or handler.request_deserializer is None:
+            return handler
+        deserialize = handler.request_deserializer
+        message_type = getattr(getattr(deserialize, "__self__", None), "DESCRIPTOR", None)
+        message_type = message_type.full_name if message_type is not None else "request"
+
+        def parse(data: bytes):
+            try:
+                return deserialize(data)
+            except Exception:  # protobuf's DecodeError, or anything a corrupt message raises
+                return Undecodable(message_type)
+
+        if handler.unary_stream is not None:
+            inner_stream = handler.unary_stream
+
+            async def unary_stream(request, context):
+                if isinstance(request, Undecodable):
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.reason)
+                async for message in inner_stream(request, context):
+                    yield message
+
+            return handler._replace(request_deserializer=parse, unary_stream=unary_stream)
+        inner_unary = handler.unary_unary
+
+        async def unary_unary(request, context):
+            if isinstance(request, Undecodable):
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.reason)
+            return await inner_unary(request, context)
+
+        return handler._replace(request_deserializer=parse, unary_unary=unary_unary)

@@ -1,0 +1,135 @@
+"""Coalesced delivery: decoding threads post each step's updates, the event loop sends them in batches.
+
+A decoding thread appends a step's text to each stream's pending buffer (one lock
+taken per step, not per stream) and marks the stream dirty. The event loop
+flushes on a timer: a flush wakes every dirty stream's handler once, and the
+handler sends everything that stream accumulated since its last message as one
+message. A handler still busy writing (a client not yet ready) is woken again
+by the next flush or takes the backlog as soon as its write completes, so a
+slow reader gets fewer, larger messages and never holds up the others.
+
+The flush interval is `open streams / message_rate` seconds: the server's total
+message rate stays near `message_rate` however many streams run and however
+fast they decode, while a lone stream is flushed every 1/message_rate seconds
+(feels live). Nothing runs per stream per token on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from dataclasses import dataclass, field
+
+from rnngen.decoding.engine import Row
+
+DEFAULT_MESSAGE_RATE = 2000.0  # messages per second, all streams of a server together
+
+
+@dataclass
+class Pending:
+    """What a stream's next message carries (taken by its handler in one swap)."""
+
+    texts: list = field(default_factory=list)
+    tokens: list = field(default_factory=list)
+    details: list = field(default_factory=list)
+    count: int = 0  # tokens decoded into this message (a byte model's partial character adds no text)
+    ended: bool = False  # the stream's last update is in (finished, failed, cancelled or interrupted)
+    error: Exception | None = None  # the stream ends with this status
+
+
+@dataclass(eq=False)  # compared and hashed by identity (the dirty set holds streams)
+class Stream:
+    """One client's stream: its row in the engine and the buffer its updates collect in."""
+
+    row: Row
+    prompt_tokens: int
+    want_tokens: bool = False  # collect token ids (return_token_ids)
+    want_details: bool = False  # collect per-token details (introspect)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    enqueued_at: float = field(default_factory=time.perf_counter)
+    pending: Pending = field(default_factory=Pending)  # guarded by the outbox's lock
+    wake: asyncio.Event | None = None  # set by a flush; the handler waits on it
+
+    def cancel(self) -> None:
+        """Ask for the row to leave; the scheduler frees it at its next step boundary."""
+        self.cancelled.set()
+
+
+class Outbox:
+    """The hand-over between decoding threads (post) and the event loop (flush, take)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, message_rate: float = DEFAULT_MESSAGE_RATE):
+        self.loop = loop
+        self.message_rate = message_rate
+        self.open_streams = 0  # streams with a live handler; touched on the loop only
+        self._lock = threading.Lock()
+        self._dirty: dict[Stream, None] = {}  # an ordered set: streams with news since the last flush
+        self._armed = False  # a flush is scheduled (at most one hand-over to the loop per flush)
+        self._last_flush = 0.0
+
+    # -- decoding threads ---------------------------------------------------------------------
+
+    def post(self, updates) -> None:
+        """One step's RowUpdates (their rows are tagged with their Stream)."""
+        with self._lock:
+            dirty = self._dirty
+            for update in updates:
+                stream = update.row.tag
+                p = stream.pending
+                p.count += 1
+                if update.text:
+                    p.texts.append(update.text)
+                if stream.want_tokens:
+                    p.tokens.append(update.token)
+                if update.details is not None and stream.want_details:
+                    p.details.append(update.details)
+                if update.error is not None:
+                    p.error = update.error
+                if update.finished:
+                    p.ended = True
+                dirty[stream] = None
+            self._arm_locked()
+
+    def end(self, streams, error: Exception | None = None) -> None:
+        """These streams end now (cancelled, failed or refused), with `error` as their status if given."""
+        with self._lock:
+            for stream in streams:
+                stream.pending.ended = True
+                if error is not None and stream.pending.error is None:
+                    stream.pending.error = error
+                self._dirty[stream] = None
+            self._arm_locked()
+
+    def _arm_locked(self) -> None:
+        if self._dirty and not self._armed:
+            self._armed = True
+            self.loop.call_soon_threadsafe(self._schedule_flush)
+
+    # -- the event loop -------------------------------------------------------------------------
+
+    @property
+    def interval(self) -> float:
+        return max(self.open_streams, 1) / self.message_rate
+
+    def _schedule_flush(self) -> None:
+        delay = self._last_flush + self.interval - self.loop.time()
+        if delay > 0:
+            self.loop.call_later(delay, self._flush)
+        else:
+            self._flush()
+
+    def _flush(self) -> None:
+        with self._lock:
+            dirty, self._dirty = self._dirty, {}
+            self._armed = False
+        self._last_flush = self.loop.time()
+        for stream in dirty:
+            if stream.wake is not None:
+                stream.wake.set()
+
+    def take(self, stream: Stream) -> Pending:
+        """Everything the stream accumulated since its last message."""
+        with self._lock:
+            taken, stream.pending = stream.pending, Pending()
+        return taken
