@@ -55,7 +55,7 @@ class Scheduler:
         # per_stream: the benchmark's baseline, one model call per stream per step (no batching).
         self.per_stream = per_stream
         self.metrics = metrics
-        self._engines: list[DecodeEngine] = [] if per_stream else [DecodeEngine(model)]
+        self._engines: list[DecodeEngine] = [] if per_stream else [DecodeEngine(model, capacity=max_active)]
         self._waiting: deque[tuple[Stream, np.ndarray, BatchState]] = deque()
         self._reserved = 0  # accepted requests not yet in the engine (prefilling or waiting)
         self._lock = threading.Condition()
