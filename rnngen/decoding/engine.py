@@ -26,7 +26,7 @@ import numpy as np
 
 from rnngen.errors import InvalidParameterError, RnngenError
 from rnngen.decoding.details import token_details
-from rnngen.decoding.logits import RowParams, apply_penalties, banned_by_ngrams, draw, filtered_probs, log_sum_exp
+from rnngen.decoding.logits import RowParams, apply_penalties, banned_by_ngrams, draw, filtered_probs
 from rnngen.decoding.params import GenerationParams
 from rnngen.decoding.processors import build_processors
 from rnngen.decoding.random_streams import SlotGenerators
@@ -388,8 +388,9 @@ class DecodeEngine:
         need = np.flatnonzero(~from_graph)
         slots = live[need]
         sub = self._logits_of(slots)
-        z = sub - sub.max(axis=1, keepdims=True)  # shifted so the largest logit is 0: exp() is safe
-        log_z[need] = log_sum_exp(sub)
+        peak = sub.max(axis=1, keepdims=True)
+        z = sub - peak  # shifted so the largest logit is 0: exp() is safe
+        log_z[need] = peak[:, 0] + np.log(np.exp(z).sum(axis=1))  # log_sum_exp(sub), from z
         sub_rp = rp if len(need) == len(live) else rp.take(need)
         x = z
         failed = []
