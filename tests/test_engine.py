@@ -8,6 +8,7 @@ from rnngen.decoding.rows import Row, row_generator
 from rnngen.decoding.generation import generate
 from rnngen.decoding.logits import RowParams, apply_penalties, banned_by_ngrams, draw, filtered_probs
 from rnngen.model.runtime import RnnModel
+from rnngen.model.slots import HostSlots
 from rnngen.decoding.params import GenerationParams
 
 
@@ -170,41 +171,102 @@ def test_the_same_row_object_twice_is_refused(rnn):
         engine.select([0, 0])
 
 
-def test_iobinding_path_keeps_state_on_device_and_decodes_the_same(rnn):
-    """The CUDA path's logic (state bound once, ping-pong buffers, logits to host), run with CPU buffers."""
+class RecordingStore(HostSlots):
+    """The host store, noting how many rows each call moves between the engine and the store."""
+
+    def __init__(self, model):
+        super().__init__(model)
+        self.calls = []
+
+    def write_rows(self, slots, state, temperature=None):
+        self.calls.append(("write_rows", len(slots)))
+        super().write_rows(slots, state, temperature)
+
+    def free(self, slots):
+        self.calls.append(("free", len(slots)))
+        super().free(slots)
+
+    def gather(self, order):
+        self.calls.append(("gather", len(order)))
+        super().gather(order)
+
+    def read_rows(self, slots):
+        self.calls.append(("read_rows", len(slots)))
+        return super().read_rows(slots)
+
+
+def test_a_joining_or_leaving_row_moves_only_its_own_state(rnn):
+    """Join writes the new row's state into a free slot, leave frees it: nothing about the other rows moves."""
     tok = rnn.tokenizer
-    params = [GenerationParams(max_new_tokens=40, seed=s, temperature=t) for s, t in ((1, 0.8), (2, 0.0), (3, 1.1))]
-    results = []
-    for bound in (False, True):
-        engine = DecodeEngine(rnn, use_iobinding=bound)
-        rows = []
-        for i, p in enumerate(params):
-            ids = tok.encode("the " * (i + 1))
-            rows.append(make_row(rnn, ids, p, i))
-            engine.add([rows[-1]], *engine.prefill(ids))
-            engine.step()  # rows join while others run
-        engine.remove(rows[0])
-        run_to_end(engine)
-        results.append([r.text for r in rows])
-    assert results[0] == results[1]
+    store = RecordingStore(rnn)
+    engine = DecodeEngine(rnn, store=store)
+    params = GenerationParams(max_new_tokens=1000, seed=1, temperature=0.9)
+    logits, state = engine.prefill(tok.encode("the"))
+    rows = [make_row(rnn, tok.encode("the"), params, i) for i in range(8)]
+    engine.add(rows, logits[[0] * 8], state.select([0] * 8))
+    engine.step()
+    store.calls.clear()
+    engine.remove(rows[3])
+    late = make_row(rnn, tok.encode("to"), params, "late")
+    engine.add([late], *engine.prefill(tok.encode("to")))
+    for _ in range(3):
+        engine.step()
+    assert store.calls == [("free", 1), ("write_rows", 1)]
+    assert late.slot == 3  # the freed slot, handed out again
+    assert [r.tag for r in engine.rows] == [0, 1, 2, "late", 4, 5, 6, 7]
 
 
-def test_bound_stepper_matches_plain_steps_and_reads_state_back(rnn):
-    from rnngen.model.runtime import BoundStepper
+def test_slots_join_leave_and_gather_as_the_batch_gathers_did(rnn):
+    """HostSlots against the old semantics (a batch of rows, changed by concatenate and select):
+    rows join, leave, are copied and reordered between steps, and every row's state stays its own."""
+    gen = np.random.default_rng(3)
+    store = HostSlots(rnn)
+    reference: dict[int, dict] = {}  # slot -> the row's state, stepped as a batch of its own
+    names = rnn.state_names
+    for step in range(12):
+        if step % 3 == 0:  # two rows join
+            state = {k: gen.normal(0, 0.5, v.shape).astype(np.float32) for k, v in rnn.initial_state(2).items()}
+            slots = store.allocate(2)
+            store.write_rows(slots, state)
+            for j, slot in enumerate(slots.tolist()):
+                reference[slot] = {k: state[k][:, j : j + 1] for k in names}
+        if step % 4 == 1 and len(reference) > 1:  # one leaves
+            gone = sorted(reference)[int(gen.integers(len(reference)))]
+            store.free([gone])
+            del reference[gone]
+        if step % 5 == 4:  # copy one row and reverse the order, as BatchState.select would
+            live = sorted(reference)
+            order = [live[0]] + live[::-1]
+            store.gather(order)
+            reference = {i: reference[s] for i, s in enumerate(order)}
+        rows = store.rows
+        tokens = gen.integers(0, rnn.config.vocab_size, rows)
+        store.step(tokens)
+        for slot, state in reference.items():
+            _, reference[slot] = rnn.step(tokens[slot : slot + 1], state)
+        for slot, state in reference.items():
+            got = store.read_rows([slot])
+            for k in names:
+                np.testing.assert_allclose(got[k], state[k], atol=1e-6)
+    assert store.rows == max(reference) + 1
 
-    stepper = BoundStepper(rnn, device_type="cpu")
-    state = {k: np.random.default_rng(0).normal(0, 0.3, v.shape).astype(np.float32) for k, v in rnn.initial_state(3).items()}
-    stepper.load_state(state)
-    plain = state
-    for t in range(5):
-        tokens = np.array([t, t + 1, t + 2])
-        got, next_tokens, log_z = stepper.step(tokens)  # temperature 0: the graph picks the argmax
-        want, plain = rnn.step(tokens, plain)
-        np.testing.assert_array_equal(got, want)
-        np.testing.assert_array_equal(next_tokens, want.argmax(axis=1))
-        np.testing.assert_allclose(log_z, np.log(np.exp(want.astype(np.float64)).sum(axis=1)), rtol=1e-5)
-    for name, value in stepper.read_state().items():
-        np.testing.assert_array_equal(value, plain[name])
+
+def test_slot_generators_draw_what_each_rows_own_generator_draws():
+    """Many rows' PCG64 streams advanced together give numpy's own doubles, and the position goes back."""
+    from rnngen.decoding.random_streams import SlotGenerators
+
+    rows = [row_generator(11, i) for i in range(6)]
+    twins = [row_generator(11, i) for i in range(6)]
+    streams = SlotGenerators(6)
+    for slot, g in enumerate(rows):
+        streams.load(slot, g)
+    for draw_round in range(20):
+        slots = np.array([0, 2, 3, 5]) if draw_round % 2 else np.arange(6)
+        got = streams.random(slots)
+        assert got.tolist() == [twins[s].random() for s in slots.tolist()]
+    for slot, g in enumerate(rows):
+        streams.store(slot, g)
+        assert g.random() == twins[slot].random()
 
 
 def test_in_graph_sampling_matches_the_numpy_rule(rnn):
@@ -284,3 +346,25 @@ def test_a_long_stream_keeps_constant_memory(rnn):
     assert len(row.seen) <= rnn.config.vocab_size and len(row.counts) <= rnn.config.vocab_size
     assert row.text == ""
     assert grown < 64 * 1024, grown  # 3000 more tokens, no more memory
+
+
+def test_the_device_slot_stepper_plugs_into_the_engine_and_decodes_the_same(rnn):
+    """The engine runs on any SlotStore: SlotStepper (device slots, CUDA graphs on CUDA; here its
+    same code path on the CPU, without capture) gives the text of the host store, rows joining late."""
+    from rnngen.model.graph_stepper import SlotStepper
+
+    tok = rnn.tokenizer
+    params = [GenerationParams(max_new_tokens=30, seed=s, temperature=t, top_k=k)
+              for s, t, k in ((1, 0.9, 0), (2, 0.0, 0), (3, 1.1, 8))]
+    texts = {}
+    for name, store in (("host", None), ("stepper", SlotStepper(rnn, capacity=4, cuda_graphs=False))):
+        engine = DecodeEngine(rnn, store=store)
+        rows = []
+        for i, p in enumerate(params):
+            rows.append(make_row(rnn, tok.encode("the"), p, i))
+            engine.add([rows[-1]], *engine.prefill(tok.encode("the")))
+            engine.step()  # the next row joins a running batch
+        run_to_end(engine)
+        texts[name] = [r.text for r in rows]
+    assert texts["stepper"] == texts["host"]
+    assert texts["host"][0] == alone(rnn, "the", params[0])

@@ -1,15 +1,21 @@
-"""The decoding engine: many sequences decoded together as rows of one batched state.
+"""The decoding engine: many sequences decoded together as rows in the slots of one state store.
 
-An RNN's state is a fixed-size (layers, batch, hidden) tensor per state name,
-so every batch operation is a gather along the batch axis: rows join
-(concatenate), leave (select the others), are copied (select one twice) and
-reordered (select in a new order) between two steps, and the other rows do
-not notice. Continuous batching in a server rests on that; beam search
-(rnngen.decoding.beam) uses the same BatchState gathers.
+An RNN's state is a fixed-size (layers, hidden) vector per state name and row, so
+a batch is a set of slots (rnngen.model.slots): a row joins by writing its state
+into a free slot, leaves by freeing it, and rows are copied and reordered (beams,
+compaction) by one gather. The other rows do not notice: a row decodes the same
+text alone or among any others. Continuous batching in a server rests on that.
+
+Per-row bookkeeping lives in arrays over the slots (tokens generated, limits,
+log-probability sums, a window of recent tokens, the penalties' seen sets and
+counts only when some row uses them, every row's random generator), so a step
+of temperature-only rows runs no Python code per row. Text is made from the
+token ids when an update is read (or every step for rows with stop strings,
+which must see it).
 
 A step: choose one token for every row from the logits it holds (each row with
-its own parameters and random generator), record the text it adds, let
-finished rows leave, then run the model once for all remaining rows.
+its own parameters and random generator), record it, let finished rows leave,
+then run the model once for all remaining rows.
 """
 
 from __future__ import annotations
@@ -20,12 +26,14 @@ import numpy as np
 
 from rnngen.errors import InvalidParameterError, RnngenError
 from rnngen.decoding.details import token_details
-from rnngen.decoding.logits import RowParams, apply_penalties, banned_by_ngrams, draw, filtered_probs, log_sum_exp
+from rnngen.decoding.logits import RowParams, apply_penalties, banned_by_ngrams, draw, filtered_probs
 from rnngen.decoding.params import GenerationParams
 from rnngen.decoding.processors import build_processors
-from rnngen.decoding.rows import Row, RowSnapshot
-from rnngen.model.runtime import BoundStepper, RnnModel
-from rnngen.model.step_graph import SAMPLE_GREEDY, SAMPLE_INV_TEMPERATURE, SAMPLE_UNIFORM
+from rnngen.decoding.random_streams import SlotGenerators
+from rnngen.decoding.rows import HISTORY_WINDOW, Row, RowSnapshot
+from rnngen.model.graph_stepper import SlotStepper
+from rnngen.model.runtime import RnnModel, sampling_feeds
+from rnngen.model.slots import HostSlots, SlotStore
 from rnngen.model.units import state_units
 
 FINISH_LENGTH = "length"  # max_new_tokens reached
@@ -33,6 +41,28 @@ FINISH_STOP = "stop"  # a stop string was generated
 FINISH_CANCELLED = "cancelled"  # the caller removed the row
 FINISH_ERROR = "error"  # one of the row's logits processors failed (RowUpdate.error says how)
 FINISH_INTERRUPTED = "interrupted"  # the caller asked the row to leave early (Row.leave), e.g. a server stopping
+
+WINDOW = HISTORY_WINDOW
+
+# Per-slot arrays: name -> (dtype, value in a free slot).
+_SLOT_FIELDS = {
+    "count": (np.int64, 0),  # tokens generated
+    "last": (np.int64, 0),  # the last token: fed to the model at the next step
+    "logprob": (np.float64, 0.0),  # summed log-probability of the generated tokens
+    "written": (np.int64, 0),  # tokens (prompt and output) written to the window ring
+    "decoded": (np.int64, 0),  # generated tokens whose text has been made
+    "max_new": (np.int64, 1),
+    "has_stops": (np.bool_, False),
+    "next": (np.int64, -1),  # the token the graph sampled for the next step (-1: not known)
+    "log_z": (np.float64, np.nan),  # the log softmax denominator of the row's logits (nan: not known)
+}
+# The sampling parameters per slot, from GenerationParams (RowParams is built from them).
+_PARAM_FIELDS = {
+    "temperature": (np.float64, "temperature"), "top_k": (np.int64, "top_k"), "top_p": (np.float64, "top_p"),
+    "min_p": (np.float64, "min_p"), "repetition": (np.float64, "repetition_penalty"),
+    "presence": (np.float64, "presence_penalty"), "frequency": (np.float64, "frequency_penalty"),
+    "ngram": (np.int64, "no_repeat_ngram_size"), "custom": (np.bool_, "processors"), "introspect": (np.bool_, "introspect"),
+}
 
 
 class BatchState:
@@ -68,49 +98,95 @@ class RowUpdate:
     error: Exception | None = None  # the row ended because of this (its stream gets the error)
 
 
-def _sampling_feeds(rp: RowParams, rows: list[Row]) -> dict[str, np.ndarray]:
-    """The step graph's sampling inputs; each temperature-only row draws its next token's uniform now."""
-    uniform = rp.uniform
-    for i in rp.graph_sampled:
-        uniform[i, 0] = rows[i].rng.random()
-    return {SAMPLE_INV_TEMPERATURE: rp.inv_temperature, SAMPLE_GREEDY: rp.greedy, SAMPLE_UNIFORM: uniform}
+class StepUpdates:
+    """The rows one step gave a token to, in slot order: arrays, and a RowUpdate per row when read.
+
+    A row's text is made when its update is read; read a step's updates before the next step to
+    get each step's own text (text not read is decoded later, into a later update and `Row.text`).
+    """
+
+    def __init__(self, engine: "DecodeEngine", rows: np.ndarray, slots: np.ndarray, tokens: np.ndarray,
+                 finished: np.ndarray, counts: np.ndarray, texts: dict, details: dict, errors: dict):
+        self.engine, self.rows, self.slots, self.tokens, self.finished = engine, rows, slots, tokens, finished
+        self._counts, self._texts, self._details, self._errors = counts, texts, details, errors
+        self._made: dict[int, RowUpdate] = {}
+
+    def __len__(self) -> int:
+        return len(self.slots)
+
+    def __getitem__(self, i: int) -> RowUpdate:
+        if i not in self._made:
+            row = self.rows[i]
+            text = self._texts.get(i)
+            if text is None:
+                text = self.engine._decode(row.slot, self._counts[i]) if row.engine is self.engine else ""
+            self._made[i] = RowUpdate(row, int(self.tokens[i]), text, bool(self.finished[i]), self._details.get(i),
+                                      self._errors.get(i))
+        return self._made[i]
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self.slots)))
 
 
 def resume(model: RnnModel, snapshot: RowSnapshot, params: GenerationParams, **kw) -> tuple[Row, np.ndarray, BatchState]:
     """A row continued from a snapshot, ready to `add`: its pending token is fed now, exactly as the
     engine would have fed it in the uninterrupted run (the same sampling inputs and random draw)."""
     row = Row.resume(snapshot, params, model.tokenizer, **kw)
-    sampling = _sampling_feeds(RowParams.from_params([params]), [row])
+    rp = RowParams.from_params([params])
+    uniform = np.array([row.rng.random() if rp.graph_sampled else 0.0], dtype=np.float32)
+    sampling = sampling_feeds(1, np.array([params.temperature], dtype=np.float32), uniform)
     token = np.array([snapshot.pending_token], dtype=np.int64)
     logits, next_tokens, log_z, state = model.step_sample(token, snapshot.state, sampling)
     row.first_sample = (int(next_tokens[0]), float(log_z[0]))
     return row, logits, BatchState(state)
 
 
-class DecodeEngine:
-    """Rows of one batched state, stepped together with one model call per step."""
+DEVICE_SLOTS = 1024  # slots a CUDA engine holds when no capacity is given (the server passes --max-active)
 
-    def __init__(self, model: RnnModel, use_iobinding: bool | None = None):
+
+def default_store(model: RnnModel, capacity: int | None = None) -> SlotStore:
+    """Where the rows' state lives: on CUDA in device slots stepped through CUDA graphs (only tokens
+    cross to the host), elsewhere in host arrays."""
+    if model.device == "cuda":
+        return SlotStepper(model, capacity or DEVICE_SLOTS)
+    return HostSlots(model, capacity)
+
+
+class DecodeEngine:
+    """Rows in the slots of one state store, stepped together with one model call per step.
+
+    `store`: where the state lives (default: host memory, growing in powers of two up to
+    `capacity` rows; None: no limit). A device store such as SlotStepper plugs in here.
+    """
+
+    def __init__(self, model: RnnModel, store: SlotStore | None = None, capacity: int | None = None):
         self.model = model
-        # On CUDA the state stays on the device between steps; None chooses by the model's device.
-        if use_iobinding is None:
-            use_iobinding = model.device == "cuda"
-        self._bound = BoundStepper(model) if use_iobinding else None
-        self.rows: list[Row] = []
-        self.state: BatchState | None = None
-        self.logits: np.ndarray | None = None  # (B, V) float32: next-token logits of each row
-        # The graph samples temperature-only rows' next tokens during each step (-1: not known yet,
-        # e.g. right after a prefill); log_z is each row's log softmax denominator (nan: not known).
-        self.next_tokens: np.ndarray | None = None  # (B,) int64
-        self.log_z: np.ndarray | None = None  # (B,) float32
-        self._dirty = True  # membership changed: per-row parameter arrays need rebuilding
+        self.store = store if store is not None else default_store(model, capacity)
+        self._interrupting = False  # set by interrupt(): the rows leave after their next token
+        self._vocab = model.config.vocab_size
+        self._capacity = 0
+        self._a = {name: np.zeros(0, dtype) for name, (dtype, _) in _SLOT_FIELDS.items()}
+        self._p = {name: np.zeros(0, dtype) for name, (dtype, _) in _PARAM_FIELDS.items()}
+        self._used = np.zeros(0, dtype=bool)
+        self._row_at = np.empty(0, dtype=object)  # the Row in each slot (None: free)
+        self._ring = np.zeros((0, WINDOW), dtype=np.int32)  # each slot's last WINDOW tokens, by written % WINDOW
+        self._rng = SlotGenerators()
+        self._seen: np.ndarray | None = None  # (capacity, V) bool, once a row uses the repetition penalty
+        self._counts: np.ndarray | None = None  # (capacity, V) int32, once a row uses presence/frequency penalties
+        self._logits = np.zeros((0, self._vocab), dtype=np.float32)  # the last step's logits, by slot
+        self._fresh: dict[int, np.ndarray] = {}  # slot -> logits (V,) of a row that joined after that step
+        self._n = 0
+        self._live = np.zeros(0, dtype=np.int64)  # used slots, ascending (rebuilt on membership changes)
         self._rp: RowParams | None = None
-        self._seen: np.ndarray | None = None  # (B, V) bool, for the repetition penalty
-        self._counts: np.ndarray | None = None  # (B, V) int32, for presence/frequency penalties
-        self._state_on_device = False  # True while the device holds newer state than self.state
+        self._dirty = True
 
     def __len__(self) -> int:
-        return len(self.rows)
+        return self._n
+
+    @property
+    def rows(self) -> list[Row]:
+        """The rows, in slot order."""
+        return list(self._row_at[np.flatnonzero(self._used)])
 
     # -- membership ------------------------------------------------------------------------
 
@@ -124,213 +200,393 @@ class DecodeEngine:
         if len(rows) != logits.shape[0] or len(rows) != state.size:
             raise ValueError("rows, logits and state must have the same number of rows")
         for row in rows:
-            row.params.check_for_vocab(self.model.config.vocab_size)
+            row.params.check_for_vocab(self._vocab)
+            if row.engine is not None:
+                raise ValueError("a row joins one engine once; copy it with Row.clone()")
             if row.params.processors and len(row.logit_processors) != len(row.params.processors):
                 # Callers that know plugin processors build them first (Generation, the server).
                 row.logit_processors = build_processors(row.params.processors, self.model.tokenizer)
             if row.params.units and not row.units:
                 row.units = state_units(row.params.units, self.model.config)
-        self._sync_from_device()
-        # A resumed row arrives with its first token already sampled in the graph (see `resume`).
-        unknown = np.array([r.first_sample[0] if r.first_sample else -1 for r in rows], dtype=np.int64)
-        no_log_z = np.array([r.first_sample[1] if r.first_sample else np.nan for r in rows], dtype=np.float32)
-        for row in rows:
-            row.first_sample = None
-        if self.state is None or not self.rows:
-            self.rows, self.logits, self.state = list(rows), np.array(logits, dtype=np.float32), state
-            self.next_tokens, self.log_z = unknown, no_log_z
-        else:
-            self.rows = self.rows + list(rows)
-            self.logits = np.concatenate([self.logits, logits.astype(np.float32)])
-            self.next_tokens = np.concatenate([self.next_tokens, unknown])
-            self.log_z = np.concatenate([self.log_z, no_log_z])
-            self.state = BatchState.concat([self.state, state])
+        slots = self.store.allocate(len(rows))
+        if self.store.capacity > self._capacity:
+            self._grow(self.store.capacity)
+        temperature = np.array([r.params.temperature for r in rows], dtype=np.float32)
+        self.store.write_rows(slots, state.arrays, temperature)
+        for j, (row, slot) in enumerate(zip(rows, slots.tolist())):
+            self._attach(row, slot)
+            self._fresh[slot] = np.asarray(logits[j], dtype=np.float32)
+        self._n += len(rows)
         self._dirty = True
-        self._sync_to_device()
 
     def select(self, indices: list[int], rows: list[Row] | None = None) -> None:
-        """Keep rows by index, in this order: drop, copy (an index twice) or reorder.
+        """Keep rows by index (into `rows`, in slot order), in this order: drop, copy (an index twice)
+        or reorder, in one gather.
 
         Rows given in `rows` replace the kept ones (a copied row must be a clone, not the same object).
         """
-        indices = list(indices)
-        self._sync_from_device()
-        self.rows = rows if rows is not None else [self.rows[i] for i in indices]
-        if len({id(r) for r in self.rows}) != len(self.rows):
+        live = np.flatnonzero(self._used)
+        order = live[np.asarray(list(indices), dtype=np.int64)] if len(indices) else np.zeros(0, dtype=np.int64)
+        new_rows = list(rows) if rows is not None else [self._row_at[s] for s in order]
+        if len({id(r) for r in new_rows}) != len(new_rows):
             raise ValueError("a copied row must be a Row.clone(), not the same object twice")
-        if indices:
-            self.logits = self.logits[indices]
-            self.next_tokens = self.next_tokens[indices]
-            self.log_z = self.log_z[indices]
-            self.state = self.state.select(indices)
-        else:
-            self.logits = self.next_tokens = self.log_z = self.state = None
-        self._dirty = True
-        self._sync_to_device()
+        kept = {id(r) for r in new_rows}
+        for slot in live:
+            row = self._row_at[slot]
+            if id(row) not in kept:
+                self.sync(row, decode=True)
+                self._detach(row)
+        self._gather(order, new_rows)
 
     def remove(self, row: Row, reason: str = FINISH_CANCELLED) -> None:
         """A row leaves now (a cancelled stream); the others go on untouched."""
-        index = next(i for i, r in enumerate(self.rows) if r is row)
+        if row.engine is not self:
+            raise ValueError("the row is not in this engine")
         row.finish_reason = row.finish_reason or reason
-        self.select([i for i in range(len(self.rows)) if i != index])
+        slot = row.slot
+        self.sync(row, decode=True)
+        self._leave(np.array([slot]))
+
+    def sync(self, row: Row, decode: bool = False) -> None:
+        """Write the row's record back from the slot arrays (and, with `decode`, make its pending text)."""
+        slot, a = row.slot, self._a
+        row._count, row._last_token, row._logprob = int(a["count"][slot]), int(a["last"][slot]), float(a["logprob"][slot])
+        row._history.clear()
+        row._history.extend(self._window(slot).tolist())
+        if row._seen is not None:
+            row._seen = set(np.flatnonzero(self._seen[slot]).tolist())
+        if row._counts is not None:
+            present = np.flatnonzero(self._counts[slot])
+            row._counts = dict(zip(present.tolist(), self._counts[slot, present].tolist()))
+        self._rng.store(slot, row.rng)
+        if decode:
+            self._decode(slot)
+
+    def interrupt(self, resumable: bool) -> None:
+        """Every row leaves after its next token, its text unflushed (FINISH_INTERRUPTED); with
+        `resumable` its state is kept, so that its session continues elsewhere (a server draining)."""
+        for row in self.rows:
+            row.leave = True
+            row.capture_state = row.capture_state or resumable
+        self._interrupting = bool(self.rows)
+
+    def current_state(self) -> BatchState | None:
+        """The rows' state on the host, in slot order."""
+        live = np.flatnonzero(self._used)
+        return BatchState(self.store.read_rows(live)) if len(live) else None
 
     # -- one step ---------------------------------------------------------------------------
 
-    def step(self) -> list[RowUpdate]:
-        """Pick a token for every row, record its text, drop finished rows, run the model once."""
-        if not self.rows:
-            return []
+    def step(self) -> StepUpdates:
+        """Pick a token for every row, record it, let finished rows leave, run the model once."""
+        if not self._n:
+            return StepUpdates(self, np.empty(0, dtype=object), *(np.zeros(0, dtype=np.int64),) * 2,
+                               np.zeros(0, dtype=bool), np.zeros(0, dtype=np.int64), {}, {}, {})
         if self._dirty:
             self._rebuild()
-        tokens, logprobs = self._choose_tokens()
-        details = self._details(tokens) if self._rp.any_introspect else {}
-        updates = []
-        keep = []
-        for i, (row, token) in enumerate(zip(self.rows, tokens.tolist())):
-            if row.error is not None:
-                row.finish_reason = FINISH_ERROR
-                updates.append(RowUpdate(row, token, "", True, None, row.error))
-                continue
-            text = row.stops.push(row.decoder.push(token))
-            if row.stops.stopped:
-                row.finish_reason = FINISH_STOP
-            elif row.count + 1 >= row.params.max_new_tokens:
-                if not row.capture_state:  # a row to be resumed keeps unfinished text for its continuation
-                    text += row.stops.push(row.decoder.flush())
-                    text += row.stops.flush()
-                row.finish_reason = FINISH_STOP if row.stops.stopped else FINISH_LENGTH
-            elif row.leave:
-                row.finish_reason = FINISH_INTERRUPTED
-            else:
-                keep.append(i)
-            row.record(token, text, float(logprobs[i]))
-            updates.append(RowUpdate(row, token, text, row.finish_reason is not None, details.get(i)))
-        if self._seen is not None:
-            self._seen[np.arange(len(tokens)), tokens] = True
-        if self._counts is not None:
-            self._counts[np.arange(len(tokens)), tokens] += 1
-        if len(keep) < len(self.rows):
-            capture = [i for i, row in enumerate(self.rows) if row.capture_state and row.finish_reason is not None]
-            if capture:
-                state = self.current_state()
-                for i in capture:
-                    self.rows[i].final_state = {k: v[:, i : i + 1].copy() for k, v in state.arrays.items()}
-            self.select(keep)  # marks the per-row arrays stale; _run_model rebuilds them
-            tokens = tokens[keep]
-        if self.rows:
-            self._run_model(tokens)
+        live, a = self._live, self._a
+        tokens, logprobs, failed = self._choose_tokens(live)
+        details = self._details(live, tokens) if self._rp.any_introspect else {}
+        ok = np.ones(len(live), dtype=bool)
+        ok[failed] = False
+        if failed:
+            self._record(live[ok], tokens[ok], logprobs[ok])
+        else:
+            self._record(live, tokens, logprobs)
+        counts = a["count"][live]
+        finished = (counts >= a["max_new"][live]) | ~ok
+        if self._interrupting:  # every row leaves after this token (see interrupt)
+            finished[:] = True
+            self._interrupting = False
+        texts: dict[int, str] = {}
+        for i in self._stop_positions:  # rows with stop strings see their text every step
+            if ok[i]:
+                texts[i] = self._decode(live[i])
+                finished[i] |= self._row_at[live[i]].stops.stopped
+        # Text nobody read is made before the window forgets its tokens (it comes with this update).
+        for i in np.flatnonzero(counts - a["decoded"][live] >= WINDOW // 2).tolist():
+            texts[i] = texts.get(i, "") + self._decode(live[i])
+        rows = self._row_at[live]
+        errors = {}
+        ends = np.flatnonzero(finished)
+        if len(ends):
+            self._finish(live, ends, ok, texts, errors)
+        updates = StepUpdates(self, rows, live, tokens, finished, counts, texts, details, errors)
+        if self._n:
+            self._run_model()
         return updates
 
+    def _finish(self, live: np.ndarray, ends: np.ndarray, ok: np.ndarray, texts: dict, errors: dict) -> None:
+        """Finished rows: their last text (flushed unless they will be resumed), state kept if asked, slots freed."""
+        a = self._a
+        slots = live[ends]
+        capture = [s for s in slots.tolist() if self._row_at[s].capture_state]
+        if capture:
+            state = self.store.read_rows(np.array(capture))
+            for j, slot in enumerate(capture):
+                self._row_at[slot].final_state = {k: v[:, j : j + 1].copy() for k, v in state.items()}
+        for i in ends.tolist():
+            slot = int(live[i])
+            row = self._row_at[slot]
+            text = texts.get(i, "") + self._decode(slot)
+            if not ok[i]:
+                row.finish_reason = FINISH_ERROR
+                errors[i] = row.error
+            elif row.stops.stopped:
+                row.finish_reason = FINISH_STOP
+            elif row.leave and a["count"][slot] < a["max_new"][slot]:
+                row.finish_reason = FINISH_INTERRUPTED  # unflushed: its continuation elsewhere shows the rest
+            else:
+                if not row.capture_state:  # a row to be resumed keeps unfinished text for its continuation
+                    tail = row.stops.push(row.decoder.flush()) + row.stops.flush()
+                    row.add_text(tail)
+                    text += tail
+                row.finish_reason = FINISH_STOP if row.stops.stopped else FINISH_LENGTH
+            texts[i] = text
+            self.sync(row)
+        self._leave(slots)
+
+    def _record(self, slots: np.ndarray, tokens: np.ndarray, logprobs: np.ndarray) -> None:
+        a = self._a
+        a["count"][slots] += 1
+        a["logprob"][slots] += logprobs
+        a["last"][slots] = tokens
+        written = a["written"][slots]
+        self._ring[slots, written % WINDOW] = tokens
+        a["written"][slots] = written + 1
+        if self._seen is not None:
+            self._seen[slots, tokens] = True
+        if self._counts is not None:
+            self._counts[slots, tokens] += 1
+
+    def _run_model(self) -> None:
+        """One batched model call; temperature-only rows get their next token sampled in the graph."""
+        if self._dirty:
+            self._rebuild()
+        rows, a = self.store.rows, self._a
+        uniforms = None
+        if len(self._draw_slots):
+            uniforms = np.zeros(rows, dtype=np.float32)
+            uniforms[self._draw_slots] = self._rng.random(self._draw_slots)
+        a["next"][:rows] = self.store.step(a["last"][:rows], uniforms)
+        a["log_z"][:rows] = self.store.read_log_z()
+        self._logits = self.store.read_logits()
+        self._fresh.clear()
+
     @staticmethod
-    def _apply_processors(row: Row, x: np.ndarray, i: int) -> None:
+    def _apply_processors(row: Row, x: np.ndarray, i: int, history: list[int]) -> bool:
         """The row's own processors on its logits x[i]; a failure ends this row only (see Row.error)."""
         original = x[i].copy()
         for spec, process in zip(row.params.processors, row.logit_processors):
             try:
-                x[i] = process(x[i], row.history)
+                x[i] = process(x[i], history)
                 if not np.isfinite(x[i]).any():
                     raise InvalidParameterError(f"processor {spec}: no token is left to choose")
             except Exception as exc:
                 row.error = exc if isinstance(exc, RnngenError) else RnngenError(
                     f"processor {spec} failed: {type(exc).__name__}: {exc}")
                 x[i] = original  # any token will do: the row ends at this step
-                return
+                return False
+        return True
 
-    def _details(self, tokens: np.ndarray) -> dict[int, dict]:
+    def _details(self, live: np.ndarray, tokens: np.ndarray) -> dict[int, dict]:
         """Per-token introspection for the rows that asked for it (the state is read back only if units are wanted)."""
-        rows = [(i, row) for i, row in enumerate(self.rows) if row.params.introspect]
-        state = self.current_state().arrays if any(row.units for _, row in rows) else None
+        asked = np.flatnonzero(self._rp.introspect)
+        slots = live[asked]
+        rows = self._row_at[slots]
+        state = self.store.read_rows(slots) if any(row.units for row in rows) else None
+        logits = self._logits_of(slots)
         tokenizer = self.model.tokenizer
-        return {i: token_details(self.logits[i], int(tokens[i]), row.params.top_alternatives, tokenizer, row.units, state, i)
-                for i, row in rows}
+        return {int(i): token_details(logits[j], int(tokens[i]), row.params.top_alternatives, tokenizer, row.units, state, j)
+                for j, (i, row) in enumerate(zip(asked.tolist(), rows))}
 
-    def _run_model(self, tokens: np.ndarray) -> None:
-        """One batched model call; temperature-only rows get their next token sampled in the graph."""
-        if self._dirty:
-            self._rebuild()
-        sampling = _sampling_feeds(self._rp, self.rows)
-        if self._bound is not None:
-            self.logits, self.next_tokens, self.log_z = self._bound.step(tokens, sampling)
-            self._state_on_device = True
-        else:
-            self.logits, self.next_tokens, self.log_z, new_state = self.model.step_sample(tokens, self.state.arrays, sampling)
-            self.state = BatchState(new_state)
-
-    def current_state(self) -> BatchState | None:
-        """The batch's state on the host (read back from the device when it lives there)."""
-        self._sync_from_device()
-        return self.state
-
-    def _sync_from_device(self) -> None:
-        if self._bound is not None and self._state_on_device:
-            self.state = BatchState(self._bound.read_state())
-            self._state_on_device = False
-
-    def _sync_to_device(self) -> None:
-        if self._bound is not None and self.state is not None and self.rows:
-            self._bound.load_state(self.state.arrays)
-
-    def _rebuild(self) -> None:
-        rp = self._rp = RowParams.from_params([r.params for r in self.rows])
-        vocab = self.model.config.vocab_size
-        self._seen = self._counts = None
-        if rp.uses_repetition:
-            self._seen = np.zeros((len(self.rows), vocab), dtype=bool)
-            for i, r in enumerate(self.rows):
-                if r.seen:
-                    self._seen[i, list(r.seen)] = True
-        if rp.uses_counts:
-            self._counts = np.zeros((len(self.rows), vocab), dtype=np.int32)
-            for i, r in enumerate(self.rows):
-                for token, n in (r.counts or {}).items():
-                    self._counts[i, token] = n
-        self._dirty = False
-
-    def _choose_tokens(self) -> tuple[np.ndarray, np.ndarray]:
-        """Tokens (B,) and their log-probabilities under the model (before any processing).
+    def _choose_tokens(self, live: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[int]]:
+        """Tokens (k,), their log-probabilities under the model (before any processing), and the
+        positions of rows whose processors failed.
 
         Temperature-only rows take the token the graph already sampled; the others (and rows
-        just prefilled) go through the numpy processors on their logits.
+        just joined) go through the numpy processors on their logits.
         """
-        raw = self.logits  # (B, V) float32
-        rp = self._rp
-        rows_idx = rp.row_index
-        from_graph = rp.simple & (self.next_tokens >= 0)
+        rp, a = self._rp, self._a
+        tokens = a["next"][live]
+        log_z = a["log_z"][live]
+        from_graph = rp.simple & (tokens >= 0)
         if from_graph.all():
-            tokens = self.next_tokens
-            return tokens, raw[rows_idx, tokens] - self.log_z.astype(np.float64)  # float64 as below: batch-invariant
-        tokens = self.next_tokens.copy()
-        log_z = self.log_z.astype(np.float64)
+            return tokens, self._logit_at(live, tokens) - log_z, []
         need = np.flatnonzero(~from_graph)
-        sub = raw[need]
-        z = sub - sub.max(axis=1, keepdims=True)  # shifted so the largest logit is 0: exp() is safe
-        log_z[need] = log_sum_exp(sub)
-        sub_rp = rp if len(need) == len(raw) else rp.take(need)
-        rows = [self.rows[i] for i in need]
+        slots = live[need]
+        sub = self._logits_of(slots)
+        peak = sub.max(axis=1, keepdims=True)
+        z = sub - peak  # shifted so the largest logit is 0: exp() is safe
+        log_z[need] = peak[:, 0] + np.log(np.exp(z).sum(axis=1))  # log_sum_exp(sub), from z
+        sub_rp = rp if len(need) == len(live) else rp.take(need)
         x = z
+        failed = []
         if sub_rp.uses_repetition or sub_rp.uses_counts or sub_rp.uses_ngrams or sub_rp.uses_custom:
             x = z.astype(np.float64)
             if sub_rp.uses_repetition or sub_rp.uses_counts:
-                seen = None if self._seen is None else self._seen[need]
-                counts = None if self._counts is None else self._counts[need]
+                seen = None if self._seen is None else self._seen[slots]
+                counts = None if self._counts is None else self._counts[slots]
                 x = apply_penalties(x, sub_rp, seen, counts)
-            for i, row in enumerate(rows) if sub_rp.uses_ngrams else ():
-                banned = banned_by_ngrams(list(row.history), row.params.no_repeat_ngram_size)
+            for j in np.flatnonzero(sub_rp.no_repeat_ngram > 0).tolist():
+                banned = banned_by_ngrams(self._window(slots[j]).tolist(), int(sub_rp.no_repeat_ngram[j]))
                 if banned:
-                    x[i, banned] = -np.inf
-            for i, row in enumerate(rows) if sub_rp.uses_custom else ():
-                self._apply_processors(row, x, i)
+                    x[j, banned] = -np.inf
+            for j in np.flatnonzero(sub_rp.custom).tolist():
+                if not self._apply_processors(self._row_at[slots[j]], x, j, self._window(slots[j]).tolist()):
+                    failed.append(int(need[j]))
         if sub_rp.all_greedy:
             chosen = x.argmax(axis=1)
         else:
             probs = filtered_probs(x, sub_rp)
-            if len(rows) == 1:
-                cdf = probs[0].cumsum()
-                chosen = np.array([min(int(cdf.searchsorted(rows[0].rng.random() * cdf[-1], "right")), len(cdf) - 1)])
-            else:
-                uniforms = np.array([0.0 if g else row.rng.random() for row, g in zip(rows, sub_rp.greedy)])
-                chosen = draw(probs, uniforms)
+            drawing = np.flatnonzero(~sub_rp.greedy)
+            uniforms = np.zeros(len(need))
+            uniforms[drawing] = self._rng.random(slots[drawing])
+            chosen = draw(probs, uniforms)
             if sub_rp.any_greedy:
                 chosen = np.where(sub_rp.greedy, x.argmax(axis=1), chosen)
+        tokens = tokens.copy()
         tokens[need] = chosen
-        return tokens, raw[rows_idx, tokens] - log_z
+        return tokens, self._logit_at(live, tokens) - log_z, failed
+
+    # -- slot bookkeeping -------------------------------------------------------------------
+
+    def _grow(self, capacity: int) -> None:
+        extra = capacity - self._capacity
+        for table, fields in ((self._a, _SLOT_FIELDS), (self._p, _PARAM_FIELDS)):
+            for name, (dtype, fill) in fields.items():
+                table[name] = np.concatenate([table[name], np.full(extra, fill if table is self._a else 0, dtype=dtype)])
+        self._used = np.concatenate([self._used, np.zeros(extra, dtype=bool)])
+        self._row_at = np.concatenate([self._row_at, np.empty(extra, dtype=object)])
+        self._ring = np.concatenate([self._ring, np.zeros((extra, WINDOW), dtype=np.int32)])
+        if self._seen is not None:
+            self._seen = np.concatenate([self._seen, np.zeros((extra, self._vocab), dtype=bool)])
+        if self._counts is not None:
+            self._counts = np.concatenate([self._counts, np.zeros((extra, self._vocab), dtype=np.int32)])
+        self._rng.grow(capacity)
+        self._capacity = capacity
+
+    def _attach(self, row: Row, slot: int) -> None:
+        """The row's record into the slot arrays; from now on the engine keeps it."""
+        a, p, params = self._a, self._p, row.params
+        for name, (_, attr) in _PARAM_FIELDS.items():
+            value = getattr(params, attr)
+            p[name][slot] = bool(value) if name == "custom" else value
+        a["count"][slot] = a["decoded"][slot] = row._count
+        a["last"][slot], a["logprob"][slot] = row._last_token, row._logprob
+        history = list(row._history)[-WINDOW:]
+        self._ring[slot, : len(history)] = history
+        a["written"][slot] = len(history)
+        a["max_new"][slot], a["has_stops"][slot] = params.max_new_tokens, bool(params.stop)
+        first, row.first_sample = row.first_sample, None  # a resumed row's first token, sampled in the graph
+        a["next"][slot], a["log_z"][slot] = first if first else (-1, np.nan)
+        if row._seen is not None:
+            if self._seen is None:
+                self._seen = np.zeros((self._capacity, self._vocab), dtype=bool)
+            self._seen[slot] = False
+            self._seen[slot, list(row._seen)] = True
+        if row._counts is not None:
+            if self._counts is None:
+                self._counts = np.zeros((self._capacity, self._vocab), dtype=np.int32)
+            self._counts[slot] = 0
+            for token, n in row._counts.items():
+                self._counts[slot, token] = n
+        self._rng.load(slot, row.rng)
+        self._used[slot] = True
+        self._row_at[slot] = row
+        row.engine, row.slot = self, slot
+
+    def _detach(self, row: Row) -> None:
+        slot = row.slot
+        self._row_at[slot] = None
+        self._used[slot] = False
+        self._a["last"][slot] = 0  # a free slot is stepped as padding with a valid token
+        self._fresh.pop(slot, None)
+        row.engine, row.slot = None, -1
+
+    def _leave(self, slots: np.ndarray) -> None:
+        """Rows leave their slots (already synced); the store compacts when most stepped slots are padding."""
+        for slot in slots.tolist():
+            self._detach(self._row_at[slot])
+        self.store.free(slots)
+        self._n -= len(slots)
+        self._dirty = True
+        if self._n and self.store.rows > 2 * self._n:
+            live = np.flatnonzero(self._used)
+            self._gather(live, list(self._row_at[live]))
+
+    def _gather(self, order: np.ndarray, rows: list[Row]) -> None:
+        """Slot i takes the record of slot order[i] and holds rows[i]; the slots after are free."""
+        n = len(order)
+        logits = self._logits_of(order) if n else None
+        if n:
+            self.store.gather(order)
+        else:
+            self.store.free(np.arange(self.store.rows))
+        for table, fields in ((self._a, _SLOT_FIELDS), (self._p, _PARAM_FIELDS)):
+            for name, (_, fill) in fields.items():
+                arr = table[name]
+                arr[:n] = arr[order]
+                arr[n:] = fill if table is self._a else 0
+        for extra in (self._ring, self._seen, self._counts):
+            if extra is not None:
+                extra[:n] = extra[order]
+        self._rng.gather(order)
+        self._row_at[:] = None
+        self._used[:] = False
+        self._used[:n] = True
+        for slot, row in enumerate(rows):
+            self._row_at[slot] = row
+            row.engine, row.slot = self, slot
+        self._logits = logits if n else self._logits[:0]
+        self._fresh.clear()
+        self._n = n
+        self._dirty = True
+
+    def _rebuild(self) -> None:
+        """Per-membership arrays: the used slots and their sampling parameters."""
+        live = self._live = np.flatnonzero(self._used)
+        p = {name: arr[live] for name, arr in self._p.items()}
+        rp = self._rp = RowParams(p["temperature"], p["top_k"], p["top_p"], p["min_p"], p["repetition"], p["presence"],
+                                  p["frequency"], p["ngram"], p["custom"], bool(p["introspect"].any()))
+        rp.introspect = p["introspect"]
+        self._stop_positions = np.flatnonzero(self._a["has_stops"][live]).tolist()
+        self._draw_slots = live[rp.graph_sampled]
+        self._dirty = False
+
+    def _window(self, slot: int) -> np.ndarray:
+        """The slot's last WINDOW tokens (prompt and output), oldest first."""
+        written = int(self._a["written"][slot])
+        return self._ring[slot, np.arange(max(written - WINDOW, 0), written) % WINDOW]
+
+    def _decode(self, slot: int, upto: int | None = None) -> str:
+        """The text of the slot's generated tokens not yet decoded (up to token `upto`), into its row."""
+        a = self._a
+        count = int(a["count"][slot])
+        upto = count if upto is None else int(upto)
+        done = int(a["decoded"][slot])
+        if upto <= done:
+            return ""
+        row = self._row_at[slot]
+        end = int(a["written"][slot]) - (count - upto)
+        tokens = self._ring[slot, np.arange(end - (upto - done), end) % WINDOW].tolist()
+        text = row.stops.push("".join(row.decoder.push(t) for t in tokens))
+        a["decoded"][slot] = upto
+        row.add_text(text)
+        return text
+
+    def _logits_of(self, slots: np.ndarray) -> np.ndarray:
+        """The logits (k, V) each slot's next token is chosen from."""
+        if not self._fresh:
+            return self._logits[slots]
+        out = np.zeros((len(slots), self._vocab), dtype=np.float32)
+        known = slots < len(self._logits)
+        out[known] = self._logits[slots[known]]
+        for slot, logits in self._fresh.items():
+            out[slots == slot] = logits
+        return out
+
+    def _logit_at(self, slots: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+        if not self._fresh:
+            return self._logits[slots, tokens]
+        return self._logits_of(slots)[np.arange(len(slots)), tokens]

@@ -129,7 +129,7 @@ def filtered_probs(logits: np.ndarray, rp: RowParams) -> np.ndarray:
     probs = np.exp(x - x.max(axis=1, keepdims=True))
     probs /= probs.sum(axis=1, keepdims=True)
     if rp.uses_top_p:
-        ranked = -np.sort(-probs, axis=1)
+        ranked = np.sort(probs, axis=1)[:, ::-1]  # descending
         before = np.cumsum(ranked, axis=1) - ranked  # mass of the tokens ranked above each token
         count = (before < rp.top_p[:, None]).sum(axis=1)  # the smallest prefix whose mass reaches top_p
         floor = ranked[np.arange(len(count)), count - 1]

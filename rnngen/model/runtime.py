@@ -6,8 +6,8 @@ from it with a sampling head (`step`, `step_sample`), which decoding calls once
 per token. Where the runtime has a fused kernel that beats the Loop (see
 FUSED_RUN_CELLS), `run` goes through a graph of standard ONNX LSTM/GRU/RNN ops
 derived from the same weights instead (rnngen.model.fused_graph); the Loop graph
-stays the file's canonical graph. `BoundStepper` runs the step graph with the
-state kept on the device.
+stays the file's canonical graph. Decoding many rows at once keeps their state in
+slots (rnngen.model.slots; on CUDA rnngen.model.graph_stepper, with CUDA graphs).
 """
 
 from __future__ import annotations
@@ -174,67 +174,3 @@ def full_proto(model_file: ModelFile):
     import onnx
 
     return onnx.ModelProto.FromString(model_file.model_bytes)
-
-
-class BoundStepper:
-    """Decoding steps with the state resident on the device, through onnxruntime's IOBinding.
-
-    The state lives in two preallocated device buffers per state name, used in
-    turn (ping-pong): each step reads one and writes the other, so nothing but
-    the tokens (in) and the logits (out, for sampling on the host) crosses to
-    the host. On CUDA that is the main lever; on CPU the same code runs with
-    CPU buffers, which is how its logic is tested.
-    """
-
-    def __init__(self, model: RnnModel, device_type: str | None = None, device_id: int = 0):
-        self.model = model
-        self.device_type = device_type or ("cuda" if model.device == "cuda" else "cpu")
-        self.device_id = device_id
-        self.session = model.step_session
-        self.batch = 0
-        self._current: dict[str, object] = {}
-        self._spare: dict[str, object] = {}
-
-    def _buffer(self, batch: int):
-        import onnxruntime as ort
-
-        shape = (self.model.config.num_layers, batch, self.model.config.hidden_size)
-        return ort.OrtValue.ortvalue_from_shape_and_type(shape, np.float32, self.device_type, self.device_id)
-
-    def load_state(self, state: dict[str, np.ndarray]) -> None:
-        """Host state → device (once per change of the batch's rows, not per step)."""
-        import onnxruntime as ort
-
-        self.batch = next(iter(state.values())).shape[1]
-        self._current = {
-            name: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(state[name]), self.device_type, self.device_id)
-            for name in self.model.state_names
-        }
-        self._spare = {name: self._buffer(self.batch) for name in self.model.state_names}
-
-    def read_state(self) -> dict[str, np.ndarray]:
-        """Device state → host (for row changes, or to save a session)."""
-        return {name: value.numpy() for name, value in self._current.items()}
-
-    def step(self, tokens: np.ndarray, sampling: dict[str, np.ndarray] | None = None
-             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """One step for the bound batch: logits (B, V), next tokens (B,) and log_z (B,) on the host.
-
-        The state stays on the device. (On CUDA, a batch of temperature-only rows could leave the
-        logits there too; they come back here because rows with other processors need them.)
-        """
-        if sampling is None:
-            sampling = sampling_feeds(len(tokens))
-        binding = self.session.io_binding()
-        binding.bind_cpu_input(TOKENS, np.ascontiguousarray(tokens.reshape(-1, 1), dtype=np.int64))
-        for name, value in sampling.items():
-            binding.bind_cpu_input(name, value)
-        for name in (LOGITS, NEXT_TOKEN, LOG_Z):  # bound first: outputs come back in binding order
-            binding.bind_output(name, "cpu")
-        for name in self.model.state_names:
-            binding.bind_ortvalue_input(name, self._current[name])
-            binding.bind_ortvalue_output(state_output_name(name), self._spare[name])
-        self.session.run_with_iobinding(binding)
-        logits, next_tokens, log_z = binding.copy_outputs_to_cpu()[:3]
-        self._current, self._spare = self._spare, self._current
-        return logits[:, 0], next_tokens, log_z

@@ -47,7 +47,7 @@ class Scheduler:
         # per_stream: the benchmark's baseline, one model call per stream per step (no batching).
         self.per_stream = per_stream
         self.metrics = metrics
-        self._engines: list[DecodeEngine] = [] if per_stream else [DecodeEngine(model)]
+        self._engines: list[DecodeEngine] = [] if per_stream else [DecodeEngine(model, capacity=max_active)]
         self.prefiller = prefiller or Prefiller(model, None, metrics=metrics, name=name)
         self._incoming: list[PrefillJob] = []  # handed over by the handlers (under the lock)
         self._prefilling: list[PrefillJob] = []  # the decoding thread's own from here on
@@ -199,8 +199,7 @@ class Scheduler:
     def _leave(self, mode: str) -> None:
         for engine in self._engines:
             if mode == "resume":
-                for row in engine.rows:
-                    row.leave = row.capture_state = True  # the next step's token is its last here
+                engine.interrupt(resumable=True)  # the next step's token is each row's last here
             elif engine.rows:
                 self.outbox.end([row.tag for row in engine.rows], ShuttingDownError(STOPPED_BEFORE_THE_END))
                 engine.select([])

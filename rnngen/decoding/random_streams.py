@@ -1,0 +1,68 @@
+"""Every row's own random generator, drawn for many rows at once.
+
+Each row samples from its own numpy generator (rnngen.decoding.rows.row_generator),
+so a row draws the same numbers alone or in any batch. Calling `Generator.random()`
+row by row costs a Python call per row per step; `SlotGenerators` instead draws a
+block of BLOCK numbers per row at a time (the same numbers, in the same order, as
+BLOCK single draws) and hands them out with array indexing. A row's generator is
+copied in when it joins; writing it back rewinds it past the draws not used yet, so
+a snapshot holds exactly the position of a row that drew one number at a time.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+
+BLOCK = 64  # numbers drawn per row at a time
+
+
+class SlotGenerators:
+    """Per slot: its own generator (a copy of the row's), and the block of numbers drawn from it."""
+
+    def __init__(self, capacity: int = 0):
+        self._generators = np.empty(capacity, dtype=object)
+        self._block = np.zeros((capacity, BLOCK))
+        self._next = np.full(capacity, BLOCK, dtype=np.int64)  # position in the block (BLOCK: used up)
+
+    def grow(self, capacity: int) -> None:
+        extra = capacity - len(self._next)
+        self._generators = np.concatenate([self._generators, np.empty(extra, dtype=object)])
+        self._block = np.concatenate([self._block, np.zeros((extra, BLOCK))])
+        self._next = np.concatenate([self._next, np.full(extra, BLOCK, dtype=np.int64)])
+
+    def load(self, slot: int, generator: np.random.Generator) -> None:
+        self._generators[slot] = copy.deepcopy(generator)
+        self._next[slot] = BLOCK
+
+    def store(self, slot: int, generator: np.random.Generator) -> None:
+        """Put the slot's position (numbers drawn and handed out) into the row's generator."""
+        generator.bit_generator.state = self._generators[slot].bit_generator.state
+        unused = BLOCK - int(self._next[slot])
+        if unused:
+            generator.bit_generator.advance(-unused)
+
+    def gather(self, order: np.ndarray) -> None:
+        n = len(order)
+        taken = set()
+        generators = []
+        for slot in order.tolist():  # a slot taken twice (a copied row) gets a generator of its own
+            generators.append(self._generators[slot] if slot not in taken else copy.deepcopy(self._generators[slot]))
+            taken.add(slot)
+        self._block[:n] = self._block[order]
+        self._next[:n] = self._next[order]
+        self._generators[:n] = generators
+        self._generators[n:] = None
+        self._next[n:] = BLOCK
+
+    def random(self, slots: np.ndarray) -> np.ndarray:
+        """One double in [0, 1) from each slot's stream (as `Generator.random()`)."""
+        position = self._next[slots]
+        empty = position >= BLOCK
+        if empty.any():
+            for slot in slots[empty].tolist():
+                self._block[slot] = self._generators[slot].random(BLOCK)
+            position[empty] = 0
+        self._next[slots] = position + 1
+        return self._block[slots, position]
