@@ -72,3 +72,20 @@ def char_model_file(tmp_path: Path, char_tokenizer) -> Path:
 def byte_model_file(tmp_path: Path) -> Path:
     config = ModelConfig(cell="gru", vocab_size=256, hidden_size=16, num_layers=1, embedding_size=8)
     return write_model(tmp_path / "byte.onnx", config, ByteTokenizer())
+
+
+def invoke(*args, **kwargs):
+    """The CLI run in-process, as a user would type it (every argument a string)."""
+    from typer.testing import CliRunner
+
+    from rnngen.cli import create_app
+
+    return CliRunner().invoke(create_app(), [str(a) for a in args], **kwargs)
+
+
+def one_line_error(result, needle):
+    """A refusal as the CLI gives it: exit 1, one `error:` line naming the problem, no traceback."""
+    assert result.exit_code == 1, result.output
+    assert needle in result.stderr, result.stderr
+    assert "Traceback" not in result.output + result.stderr
+    assert result.stderr.strip().startswith("error:")

@@ -12,19 +12,10 @@ from rnngen import __version__
 from rnngen.cli import create_app
 from rnngen.model.devices import cuda_unusable_reason
 
-runner = CliRunner()
-app = create_app()
+from conftest import invoke, one_line_error  # noqa: E402
 
 
-def invoke(*args):
-    return runner.invoke(app, [str(a) for a in args])
 
-
-def one_line_error(result, needle):
-    assert result.exit_code == 1, result.output
-    assert needle in result.stderr, result.stderr
-    assert "Traceback" not in result.output + result.stderr
-    assert result.stderr.strip().startswith("error:")
 
 
 def test_version_and_help():
@@ -69,7 +60,7 @@ def test_generate_prompt_from_a_file_or_stdin_and_the_prompt_limit(char_model_fi
     prompt.write_text("the quick brown fox " * 20, encoding="utf-8")
     inline = invoke("generate", "-m", char_model_file, "--prompt", prompt.read_text(), "-n", "30", "--seed", "2", "-q")
     from_file = invoke("generate", "-m", char_model_file, "--prompt-file", prompt, "-n", "30", "--seed", "2", "-q")
-    from_stdin = runner.invoke(app, ["generate", "-m", str(char_model_file), "--prompt-file", "-", "-n", "30", "--seed", "2",
+    from_stdin = CliRunner().invoke(create_app(), ["generate", "-m", str(char_model_file), "--prompt-file", "-", "-n", "30", "--seed", "2",
                                      "-q"], input=prompt.read_text())
     assert from_file.exit_code == 0 and from_stdin.exit_code == 0, from_file.output + from_stdin.output
     assert from_file.stdout == from_stdin.stdout == inline.stdout[len(prompt.read_text()):]  # the file is not echoed

@@ -6,20 +6,17 @@ import stat
 
 import pytest
 import typer.main
-from typer.testing import CliRunner
 
 from rnngen.cli import create_app
 from rnngen.cli.console import cli_names, long_options
 from rnngen.decoding.params import GenerationParams
 from rnngen.errors import InvalidParameterError
 
-runner = CliRunner()
+from conftest import invoke  # noqa: E402
+
 app = create_app()
 group = typer.main.get_command(app)
 
-
-def invoke(*args, **kwargs):
-    return runner.invoke(app, [str(a) for a in args], **kwargs)
 
 
 def one_line_error(result, needle, code=1):

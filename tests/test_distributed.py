@@ -17,13 +17,13 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from typer.testing import CliRunner  # noqa: E402
 
-from rnngen.cli import create_app  # noqa: E402
 from rnngen.model.config import ModelConfig  # noqa: E402
 from rnngen.errors import CheckpointError, InvalidParameterError  # noqa: E402
 from rnngen.training.distributed import DIGEST_DIR_ENV, stream_rows  # noqa: E402
 from rnngen.training.trainer import ChunkedStreams, TrainConfig, Trainer  # noqa: E402
+
+from conftest import invoke  # noqa: E402
 
 TINY = ModelConfig(cell="lstm", hidden_size=16, num_layers=2, dropout=0.1)
 CUDA = torch.cuda.is_available()
@@ -38,9 +38,6 @@ with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
 os.execv(sys.executable, [sys.executable, "-m", "torch.distributed.run", *sys.argv[1:]])
 """
 
-
-def invoke(*args):
-    return CliRunner().invoke(create_app(), [str(a) for a in args])
 
 
 def test_ranks_share_out_the_single_process_streams():

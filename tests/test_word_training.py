@@ -6,28 +6,18 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from typer.testing import CliRunner  # noqa: E402
 
-from rnngen.cli import create_app  # noqa: E402
 from rnngen.model.config import ModelConfig  # noqa: E402
 from rnngen.corpus import split_text_at_line  # noqa: E402
 from rnngen.errors import DataError  # noqa: E402
 from rnngen.model.tokenizers import WordTokenizer, count_unknown, encode_document  # noqa: E402
 from rnngen.training.trainer import TrainConfig, Trainer  # noqa: E402
 
-runner = CliRunner()
-app = create_app()
+from conftest import invoke, one_line_error  # noqa: E402
+
 TINY = ModelConfig(cell="lstm", hidden_size=16, num_layers=1)
 
 
-def invoke(*args):
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def one_line_error(result, needle):
-    assert result.exit_code == 1, result.output
-    assert needle in result.stderr, result.stderr
-    assert "Traceback" not in result.output + result.stderr
 
 
 def word_corpus(lines: int = 400) -> str:

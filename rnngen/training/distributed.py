@@ -170,7 +170,10 @@ def start(device: str) -> Placement:
 
 def stop(placement: Placement) -> None:
     if placement.distributed and dist.is_initialized():
-        dist.destroy_process_group()
+        try:  # every rank done with its collectives before any tears the group down
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()
 
 
 def write_param_digest(model: torch.nn.Module, placement: Placement) -> None:
