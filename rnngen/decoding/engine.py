@@ -155,8 +155,9 @@ def default_store(model: RnnModel, capacity: int | None = None) -> SlotStore:
 class DecodeEngine:
     """Rows in the slots of one state store, stepped together with one model call per step.
 
-    `store`: where the state lives (default: host memory, growing in powers of two up to
-    `capacity` rows; None: no limit). A device store such as SlotStepper plugs in here.
+    `store`: where the state lives (default: `default_store`: on CUDA a SlotStepper with
+    `capacity` or DEVICE_SLOTS slots, elsewhere HostSlots growing in powers of two up to
+    `capacity` rows, None: no limit). Any other SlotStore plugs in here.
     """
 
     def __init__(self, model: RnnModel, store: SlotStore | None = None, capacity: int | None = None):
@@ -191,7 +192,7 @@ class DecodeEngine:
     # -- membership ------------------------------------------------------------------------
 
     def prefill(self, prompt_ids: list[int]) -> tuple[np.ndarray, BatchState]:
-        """The prompt through the Loop graph: next-token logits (1, V) and the state after it."""
+        """The prompt through RnnModel.prefill (chunked): next-token logits (1, V) and the state after it."""
         logits, state = self.model.prefill(prompt_ids)
         return logits, BatchState(state)
 

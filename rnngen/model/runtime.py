@@ -1,10 +1,12 @@
 """An rnngen model on onnxruntime, run with explicit state (no torch here).
 
-`RnnModel` holds sessions made from one file: the Loop graph, which takes a
-whole prompt in one call (`run`, `prefill`), and the loop-free step graph derived
-from it with a sampling head (`step`, `step_sample`), which decoding calls once
-per token. Where the runtime has a fused kernel that beats the Loop (see
-FUSED_RUN_CELLS), `run` goes through a graph of standard ONNX LSTM/GRU/RNN ops
+`RnnModel` holds sessions made from one file: the Loop graph (`run`: T tokens
+in one call), a copy of it that returns the last position's logits only
+(`prefill`: a prompt in chunks of PREFILL_CHUNK tokens, carrying the state), and
+the loop-free step graph derived from it with a sampling head (`step`,
+`step_sample`), which decoding calls once per token. Where the runtime has a
+fused kernel that beats the Loop (see FUSED_RUN_CELLS), `run` and `prefill` go
+through a graph of standard ONNX LSTM/GRU/RNN ops
 derived from the same weights instead (rnngen.model.fused_graph); the Loop graph
 stays the file's canonical graph. Decoding many rows at once keeps their state in
 slots (rnngen.model.slots; on CUDA rnngen.model.graph_stepper, with CUDA graphs).

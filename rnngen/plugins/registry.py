@@ -258,7 +258,7 @@ def processor_factories() -> dict[str, ProcessorFactory]:
 
 
 def inspect_features() -> dict[str, tuple[Callable, str, str]]:
-    """Every registered inspect feature, name -> (compute, help, plugin), for rnngen.inspect.analyse."""
+    """Every registered inspect feature, name -> (compute, help, plugin), for rnngen.inspect.recording.analyse."""
     return {name: (e.value, e.help, e.plugin) for name, e in registry().inspect_features().items()}
 
 
