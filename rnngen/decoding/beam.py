@@ -1,9 +1,12 @@
 """Beam search, deterministic, with streaming of the text every candidate already shares.
 
-Beams are rows of one batched state; each step scores every (beam, token)
-extension by its summed log-probability, keeps the best `num_beams` live ones
-(a gather of state rows: an RNN beam is a cheap copy of a fixed-size state),
-and sets aside hypotheses that hit a stop string. A hypothesis' score is its
+Beams are rows of a DecodeEngine, so each row's penalties, n-gram bans,
+processors, stop strings and introspection work as for samples. Each step scores
+every (beam, token) extension by its summed log-probability (the engine's
+`log_probs`: after the row's processing), keeps the best `num_beams` live ones
+(one `select`: a gather of slots, copying a beam where it has several children)
+and steps them with their chosen tokens; hypotheses that hit a stop string are
+set aside. A hypothesis' score is its
 log-probability divided by length ** length_penalty. Without stop strings all
 beams run to max_new_tokens.
 
@@ -14,18 +17,16 @@ is emitted at once (less any tail that could still begin a stop string).
 
 from __future__ import annotations
 
-import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Iterator
 
 import numpy as np
 
-from rnngen.decoding.engine import FINISH_LENGTH, FINISH_STOP, BatchState
-from rnngen.decoding.logits import RowParams, apply_penalties, banned_by_ngrams, log_softmax
+from rnngen.decoding.engine import FINISH_LENGTH, FINISH_STOP, DecodeEngine
 from rnngen.decoding.params import GenerationParams
-from rnngen.decoding.stops import find_stop, stop_safe_length
+from rnngen.decoding.rows import Row
+from rnngen.decoding.stops import stop_safe_length
 from rnngen.model.runtime import RnnModel
-from rnngen.model.tokenizers import StreamDecoder
 
 
 @dataclass
@@ -35,6 +36,7 @@ class Hypothesis:
     text: str  # complete characters, cut before a stop string
     finish_reason: str
     length_penalty: float
+    details: list[dict] = field(default_factory=list)  # per token, with params.introspect
 
     @property
     def score(self) -> float:
@@ -43,10 +45,16 @@ class Hypothesis:
 
 @dataclass
 class _Beam:
+    row: Row  # its row in the engine
     tokens: list[int]
     logprob: float
-    decoder: StreamDecoder
-    text: str
+    text: str  # the text its row passed through its stop filter
+    details: list[dict]
+
+    @property
+    def raw_text(self) -> str:
+        """Its text with what the stop filter still holds back."""
+        return self.text + self.row.stops.held
 
 
 def _common_prefix(texts: list[str]) -> str:
@@ -62,86 +70,78 @@ def _common_prefix(texts: list[str]) -> str:
 class BeamSearch:
     """Iterate to receive the shared prefix as it grows; `results` holds the best hypotheses after.
 
-    Every returned hypothesis' text starts with all that was yielded.
+    Every returned hypothesis' text starts with all that was yielded. `processors`: the
+    params' processors already built (default: built from the built-in ones).
     """
 
-    def __init__(self, model: RnnModel, prompt_ids: list[int], params: GenerationParams):
+    def __init__(self, model: RnnModel, prompt_ids: list[int], params: GenerationParams,
+                 processors: list | None = None):
         self.model = model
         self.params = params
         self.prompt_ids = list(prompt_ids)
+        self.processors = list(processors or [])
         self.results: list[Hypothesis] = []
         self.emitted = ""
 
     def __iter__(self) -> Iterator[str]:
         p = self.params
-        k, stops, vocab = p.num_beams, p.stop, self.model.config.vocab_size
-        logits, state = self.model.prefill(self.prompt_ids)
-        state = BatchState(state)
-        beams = [_Beam([], 0.0, self.model.tokenizer.stream_decoder(), "")]
+        k, vocab = p.num_beams, self.model.config.vocab_size
+        engine = DecodeEngine(self.model)
+        # Beams choose by score: the rows only apply their penalties, bans and processors.
+        row_params = replace(p, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0)
+        first = Row.start(row_params, np.random.default_rng(0), self.model.tokenizer, self.prompt_ids,
+                          keep_text=False, logit_processors=list(self.processors))
+        engine.add([first], *engine.prefill(self.prompt_ids))
+        beams = [_Beam(first, [], 0.0, "", [])]
         finished: list[Hypothesis] = []
-        uses_penalties = p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
         for step in range(p.max_new_tokens):
-            x = logits.astype(np.float64)
-            if uses_penalties:
-                x = self._penalised(x, beams)
-            if p.no_repeat_ngram_size:
-                for i, beam in enumerate(beams):
-                    banned = banned_by_ngrams(self.prompt_ids + beam.tokens, p.no_repeat_ngram_size)
-                    x[i, banned] = -np.inf
-            logp = log_softmax(x)
-            totals = (np.array([b.logprob for b in beams])[:, None] + logp).ravel()
+            totals = (np.array([b.logprob for b in beams])[:, None] + engine.log_probs()).ravel()
             # Best 2k candidates, ties broken by (beam, token) index so the search is deterministic.
             top = min(2 * k, totals.size)
             cand = np.argpartition(-totals, top - 1)[:top]
             cand = cand[np.lexsort((cand, -totals[cand]))]
-            survivors: list[tuple[int, _Beam]] = []
-            last_step = step + 1 == p.max_new_tokens
-            for rank, flat in enumerate(cand.tolist()):
-                if not np.isfinite(totals[flat]):
-                    break
-                b, token = divmod(flat, vocab)
-                parent = beams[b]
-                decoder = copy.deepcopy(parent.decoder)
-                text = parent.text + decoder.push(token)
-                beam = _Beam(parent.tokens + [token], float(totals[flat]), decoder, text)
-                cut = find_stop(text, stops) if stops else -1
-                if cut >= 0:
+            cand = cand[np.isfinite(totals[cand])]
+            if not p.stop:
+                cand = cand[:k]  # no candidate can stop: the best k are the survivors
+            parents, tokens = np.divmod(cand, vocab)
+            # One gather: candidate j in slot j; a beam's first child is its row, the others clones.
+            taken: set[int] = set()
+            rows = []
+            for b in parents.tolist():
+                rows.append(beams[b].row if b not in taken else beams[b].row.clone())
+                taken.add(b)
+            engine.select(parents.tolist(), rows=rows)
+            updates = engine.step(tokens)
+            survivors: list[_Beam] = []
+            for rank, update in enumerate(updates):
+                parent = beams[int(parents[rank])]
+                beam = _Beam(update.row, parent.tokens + [update.token], float(totals[cand[rank]]),
+                             parent.text + update.text,
+                             parent.details + [update.details] if update.details is not None else parent.details)
+                if update.row.finish_reason == FINISH_STOP and len(survivors) < k:
                     if rank < k:  # as in common beam search: only top-ranked candidates may finish
-                        finished.append(Hypothesis(beam.tokens, beam.logprob, text[:cut], FINISH_STOP, p.length_penalty))
-                    continue
-                survivors.append((b, beam))
-                if len(survivors) == k:
-                    break
-            if last_step or not survivors:
-                for _, beam in survivors:
-                    tail = beam.decoder.flush()
-                    text = beam.text + tail
-                    cut = find_stop(text, stops) if stops else -1
-                    reason = FINISH_STOP if cut >= 0 else FINISH_LENGTH
-                    finished.append(Hypothesis(beam.tokens, beam.logprob, text[:cut] if cut >= 0 else text, reason, p.length_penalty))
+                        finished.append(self._hypothesis(beam, FINISH_STOP))
+                elif update.row.finish_reason is None and len(survivors) < k:
+                    survivors.append(beam)
+                elif update.finished and len(survivors) < k:  # the last step: the row ended at its length
+                    survivors.append(beam)
+                    finished.append(self._hypothesis(beam, FINISH_LENGTH))
+            if step + 1 == p.max_new_tokens or not survivors:
                 break
-            beams = [beam for _, beam in survivors]
+            if len(survivors) < len(engine):  # candidates beyond the survivors leave
+                position = {id(row): i for i, row in enumerate(engine.rows)}
+                engine.select([position[id(b.row)] for b in survivors])
+            beams = survivors
             if self._done(finished, beams, k, step + 1):
                 break
             delta = self._shared_delta(beams, finished)
             if delta:
                 yield delta
-            state = state.select([b for b, _ in survivors])
-            tokens = np.array([beam.tokens[-1] for beam in beams], dtype=np.int64)
-            logits, new_state = self.model.step(tokens, state.arrays)
-            state = BatchState(new_state)
         finished.sort(key=lambda h: (-h.score, h.tokens))
         self.results = finished[: p.num_return_sequences]
 
-    def _penalised(self, x: np.ndarray, beams: list[_Beam]) -> np.ndarray:
-        p, vocab = self.params, self.model.config.vocab_size
-        rp = RowParams.from_params([p] * len(beams))
-        seen = np.zeros((len(beams), vocab), dtype=bool)
-        counts = np.zeros((len(beams), vocab), dtype=np.int32)
-        for i, beam in enumerate(beams):
-            seen[i, self.prompt_ids + beam.tokens] = True
-            np.add.at(counts[i], beam.tokens, 1)
-        return apply_penalties(x, rp, seen, counts)
+    def _hypothesis(self, beam: _Beam, reason: str) -> Hypothesis:
+        return Hypothesis(beam.tokens, beam.logprob, beam.text, reason, self.params.length_penalty, beam.details)
 
     def _done(self, finished: list[Hypothesis], beams: list[_Beam], k: int, length: int) -> bool:
         if len(finished) < k:
@@ -153,7 +153,7 @@ class BeamSearch:
         return best_live <= worst_kept
 
     def _shared_delta(self, beams: list[_Beam], finished: list[Hypothesis]) -> str:
-        shared = _common_prefix([b.text for b in beams] + [h.text for h in finished])
+        shared = _common_prefix([b.raw_text for b in beams] + [h.text for h in finished])
         safe = shared[: stop_safe_length(shared, self.params.stop)] if self.params.stop else shared
         if len(safe) <= len(self.emitted):
             return ""

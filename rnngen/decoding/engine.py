@@ -26,7 +26,7 @@ import numpy as np
 
 from rnngen.errors import InvalidParameterError, RnngenError
 from rnngen.decoding.details import token_details
-from rnngen.decoding.logits import RowParams, apply_penalties, banned_by_ngrams, draw, filtered_probs
+from rnngen.decoding.logits import RowParams, apply_penalties, banned_by_ngrams, draw, filtered_probs, log_softmax, log_sum_exp
 from rnngen.decoding.params import GenerationParams
 from rnngen.decoding.processors import build_processors
 from rnngen.decoding.random_streams import SlotGenerators
@@ -278,15 +278,32 @@ class DecodeEngine:
 
     # -- one step ---------------------------------------------------------------------------
 
-    def step(self) -> StepUpdates:
-        """Pick a token for every row, record it, let finished rows leave, run the model once."""
+    def log_probs(self) -> np.ndarray:
+        """Every row's log-probabilities (rows in slot order, vocabulary) for its next token after its
+        penalties, n-gram bans and processors, without temperature, top-k/p or min-p: what beam search
+        ranks. A failing processor raises its error (see Row.error)."""
+        if self._dirty:
+            self._rebuild()
+        live = self._live
+        x, failed = self._processed(live, self._rp, self._logits_of(live).astype(np.float64))
+        if failed:
+            raise self._row_at[live[failed[0]]].error
+        return log_softmax(x)
+
+    def step(self, tokens: np.ndarray | None = None) -> StepUpdates:
+        """Pick a token for every row (or take `tokens`, one per row in slot order, chosen by the caller:
+        beam search), record it, let finished rows leave, run the model once."""
         if not self._n:
             return StepUpdates(self, np.empty(0, dtype=object), *(np.zeros(0, dtype=np.int64),) * 2,
                                np.zeros(0, dtype=bool), np.zeros(0, dtype=np.int64), {}, {}, {})
         if self._dirty:
             self._rebuild()
         live, a = self._live, self._a
-        tokens, logprobs, failed = self._choose_tokens(live)
+        if tokens is None:
+            tokens, logprobs, failed = self._choose_tokens(live)
+        else:
+            tokens, failed = np.asarray(tokens, dtype=np.int64), []
+            logprobs = self._logit_at(live, tokens) - self._log_z(live)
         details = self._details(live, tokens) if self._rp.any_introspect else {}
         ok = np.ones(len(live), dtype=bool)
         ok[failed] = False
@@ -390,6 +407,32 @@ class DecodeEngine:
                 return False
         return True
 
+    def _processed(self, slots: np.ndarray, rp: RowParams, logits: np.ndarray) -> tuple[np.ndarray, list[int]]:
+        """The slots' logits after their penalties, n-gram bans and processors (steps 1-3 of
+        rnngen.decoding.logits), and the positions of rows whose processors failed."""
+        if not (rp.uses_repetition or rp.uses_counts or rp.uses_ngrams or rp.uses_custom):
+            return logits, []
+        x = logits.astype(np.float64)
+        if rp.uses_repetition or rp.uses_counts:
+            seen = None if self._seen is None else self._seen[slots]
+            counts = None if self._counts is None else self._counts[slots]
+            x = apply_penalties(x, rp, seen, counts)
+        for j in np.flatnonzero(rp.no_repeat_ngram > 0).tolist():
+            banned = banned_by_ngrams(self._window(slots[j]).tolist(), int(rp.no_repeat_ngram[j]))
+            if banned:
+                x[j, banned] = -np.inf
+        failed = [j for j in np.flatnonzero(rp.custom).tolist()
+                  if not self._apply_processors(self._row_at[slots[j]], x, j, self._window(slots[j]).tolist())]
+        return x, failed
+
+    def _log_z(self, slots: np.ndarray) -> np.ndarray:
+        """The log softmax denominators of the slots' logits (computed where the graph did not give one)."""
+        log_z = self._a["log_z"][slots]
+        unknown = np.isnan(log_z)
+        if unknown.any():
+            log_z[unknown] = log_sum_exp(self._logits_of(slots[unknown]).astype(np.float64))
+        return log_z
+
     def _details(self, live: np.ndarray, tokens: np.ndarray) -> dict[int, dict]:
         """Per-token introspection for the rows that asked for it (the state is read back only if units are wanted)."""
         asked = np.flatnonzero(self._rp.introspect)
@@ -421,21 +464,8 @@ class DecodeEngine:
         z = sub - peak  # shifted so the largest logit is 0: exp() is safe
         log_z[need] = peak[:, 0] + np.log(np.exp(z).sum(axis=1))  # log_sum_exp(sub), from z
         sub_rp = rp if len(need) == len(live) else rp.take(need)
-        x = z
-        failed = []
-        if sub_rp.uses_repetition or sub_rp.uses_counts or sub_rp.uses_ngrams or sub_rp.uses_custom:
-            x = z.astype(np.float64)
-            if sub_rp.uses_repetition or sub_rp.uses_counts:
-                seen = None if self._seen is None else self._seen[slots]
-                counts = None if self._counts is None else self._counts[slots]
-                x = apply_penalties(x, sub_rp, seen, counts)
-            for j in np.flatnonzero(sub_rp.no_repeat_ngram > 0).tolist():
-                banned = banned_by_ngrams(self._window(slots[j]).tolist(), int(sub_rp.no_repeat_ngram[j]))
-                if banned:
-                    x[j, banned] = -np.inf
-            for j in np.flatnonzero(sub_rp.custom).tolist():
-                if not self._apply_processors(self._row_at[slots[j]], x, j, self._window(slots[j]).tolist()):
-                    failed.append(int(need[j]))
+        x, failed = self._processed(slots, sub_rp, sub)
+        failed = need[failed].tolist()
         if sub_rp.all_greedy:
             chosen = x.argmax(axis=1)
         else:
@@ -521,7 +551,9 @@ class DecodeEngine:
         n = len(order)
         logits = self._logits_of(order) if n else None
         if n:
-            self.store.gather(order)
+            self.store.gather(order)  # copies may need more slots than there were rows
+            if self.store.capacity > self._capacity:
+                self._grow(self.store.capacity)
         else:
             self.store.free(np.arange(self.store.rows))
         for table, fields in ((self._a, _SLOT_FIELDS), (self._p, _PARAM_FIELDS)):

@@ -117,7 +117,7 @@ class Generation:
         self.sequences = [SequenceResult(r.tag, r.text, r.count, r.finish_reason, r.logprob, details=details[r.tag]) for r in rows]
 
     def _beams(self) -> Iterator[StreamChunk]:
-        search = BeamSearch(self.model, self.prompt_ids, self.params)
+        search = BeamSearch(self.model, self.prompt_ids, self.params, self._processors)
         returned = self.params.num_return_sequences
         for delta in search:
             for i in range(returned):
@@ -127,7 +127,8 @@ class Generation:
             rest = hyp.text[len(search.emitted) :]
             if rest:
                 yield StreamChunk(i, rest)
-            self.sequences.append(SequenceResult(i, hyp.text, len(hyp.tokens), hyp.finish_reason, hyp.logprob, hyp.score))
+            self.sequences.append(SequenceResult(i, hyp.text, len(hyp.tokens), hyp.finish_reason, hyp.logprob, hyp.score,
+                                                 details=hyp.details))
 
 
 def generate(model: RnnModel, prompt: str, params: GenerationParams,

@@ -92,10 +92,6 @@ class GenerationParams:
             raise _refused("{units}: {count} given, at most {limit} allowed", count=len(self.units), limit=MAX_UNITS)
         if self.units and not self.introspect:
             raise _refused("{units}: unit activations are reported with {introspect} on")
-        if self.num_beams > 1 and self.introspect:
-            raise _refused("{introspect}: per-token details are for sampling and greedy decoding, not beam search ({num_beams})")
-        if self.num_beams > 1 and self.processors:
-            raise _refused("{processors}: logits processors apply to sampling and greedy decoding, not beam search ({num_beams})")
         if self.num_beams > 1 and self.n > 1:
             raise _refused("{n}: several samples cannot be combined with beam search ({num_beams}); "
                            "use {num_return_sequences} for several beams")
