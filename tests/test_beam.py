@@ -106,3 +106,60 @@ def test_stop_safe_length_holds_back_possible_stop_starts():
     assert stop_safe_length("hello wor", ("world",)) == 6
     assert stop_safe_length("hello", ("xyz",)) == 5
     assert stop_safe_length("ab\n", ("\n\n",)) == 2
+
+
+def exhaustive_best(rnn, prompt, length, process):
+    """The best sequence by summed log-probabilities of `process(logits, history)`, over every sequence."""
+    best = None
+    for seq in itertools.product(range(rnn.config.vocab_size), repeat=length):
+        logits, state = rnn.run(np.array([prompt]), rnn.initial_state(1))
+        total, history = 0.0, list(prompt)
+        for t in seq:
+            x = process(logits[0, -1].astype(np.float64), history)
+            total += x[t] - (x.max() + np.log(np.exp(x - x.max()).sum()))
+            history.append(t)
+            logits, state = rnn.run(np.array([[t]]), state)
+        if np.isfinite(total) and (best is None or total > best[1]):
+            best = (seq, total)
+    return best
+
+
+def test_beams_with_a_repetition_penalty_find_the_best_penalised_sequence(tiny):
+    def penalised(x, history):  # CTRL on the raw logits of tokens in prompt or output
+        seen = list(set(history))
+        x[seen] = np.where(x[seen] > 0, x[seen] / 1.8, x[seen] * 1.8)
+        return x
+
+    seq, total = exhaustive_best(tiny, [0], 4, penalised)
+    search = BeamSearch(tiny, [0], GenerationParams(max_new_tokens=4, num_beams=64, repetition_penalty=1.8))
+    list(search)
+    assert tuple(search.results[0].tokens) == seq
+    assert search.results[0].logprob == pytest.approx(total, abs=1e-5)
+
+
+def test_beams_with_a_ban_processor_find_the_best_sequence_without_it(tiny):
+    def banned(x, history):
+        x[1] = -np.inf  # "b"
+        return x
+
+    seq, total = exhaustive_best(tiny, [0], 4, banned)
+    gen = Generation(tiny, "a", GenerationParams(max_new_tokens=4, num_beams=27, num_return_sequences=3, processors=("ban:b",)))
+    list(gen)
+    assert all("b" not in s.text for s in gen.sequences)
+    assert gen.sequences[0].text == tiny.tokenizer.decode(list(seq))
+    assert gen.sequences[0].logprob == pytest.approx(total, abs=1e-5)
+
+
+def test_beams_report_introspection_per_token(char_model_file):
+    rnn = RnnModel.load(char_model_file, device="cpu")
+    params = GenerationParams(max_new_tokens=12, num_beams=3, num_return_sequences=2, introspect=True,
+                              top_alternatives=2, units=("l1.c[0]",))
+    result = generate(rnn, "the ", params)
+    for seq in result.sequences:
+        assert len(seq.details) == seq.tokens
+        assert "".join(d["text"] for d in seq.details) == seq.text
+        assert all(len(d["top"]) == 2 and "l1.c[0]" in d["units"] for d in seq.details)
+    first = result.sequences[0].details[0]  # the first token's details: the model's own view after the prompt
+    plain = generate(rnn, "the ", GenerationParams(max_new_tokens=1, temperature=0, introspect=True, top_alternatives=2,
+                                                   units=("l1.c[0]",))).sequences[0].details[0]
+    assert first["top"] == plain["top"] and first["units"] == plain["units"] and first["entropy"] == plain["entropy"]

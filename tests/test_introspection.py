@@ -217,8 +217,6 @@ def test_generation_details_per_token(char_model_file):
     assert plain.text == seq.text and plain.details == [] and "details" not in plain.to_dict()
     with pytest.raises(InvalidParameterError, match="with introspect on"):
         GenerationParams(units=("l0.h[0]",))
-    with pytest.raises(InvalidParameterError, match="not beam search"):
-        GenerationParams(num_beams=2, introspect=True)
 
 
 def test_generate_cli_introspect(char_model_file):

@@ -186,10 +186,11 @@ def test_builtin_processors_in_the_engine(char_model_file):
     assert batch.sequences[0].text == alone.sequences[0].text and batch.sequences[1].text != alone.sequences[0].text
     with pytest.raises(InvalidParameterError, match="none of 'QQ' is in the model's vocabulary"):
         generate(model, "b", GenerationParams(max_new_tokens=5, processors=("ban:QQ",)))
-    with pytest.raises(InvalidParameterError, match="not beam search"):
-        GenerationParams(num_beams=2, processors=("ban:e",))
-    with pytest.raises(InvalidParameterError, match="processor ban:xyz: no token is left to choose"):
-        generate(model, "b", GenerationParams(max_new_tokens=5, processors=("only:xyz", "ban:xyz")))
+    beams = generate(model, "b", GenerationParams(max_new_tokens=30, num_beams=3, num_return_sequences=3, processors=("ban:e",)))
+    assert all("e" not in s.text for s in beams.sequences)  # beams are engine rows: their processors apply
+    for beams in (1, 2):
+        with pytest.raises(InvalidParameterError, match="processor ban:xyz: no token is left to choose"):
+            generate(model, "b", GenerationParams(max_new_tokens=5, num_beams=beams, processors=("only:xyz", "ban:xyz")))
 
 
 def test_model_names_resolve_through_the_name_source(char_model_file, tmp_path, monkeypatch):
