@@ -271,11 +271,6 @@ class DecodeEngine:
             row.capture_state = row.capture_state or resumable
         self._interrupting = bool(self.rows)
 
-    def current_state(self) -> BatchState | None:
-        """The rows' state on the host, in slot order."""
-        live = np.flatnonzero(self._used)
-        return BatchState(self.store.read_rows(live)) if len(live) else None
-
     # -- one step ---------------------------------------------------------------------------
 
     def log_probs(self) -> np.ndarray:
