@@ -227,21 +227,22 @@ def host_work(path: Path, batch: int, steps: int, device: str) -> list[str]:
 
     model = RnnModel.load(path, device=device)
     inside = []
-    real = model.step_sample
 
-    def timed(*args):
-        t0 = time.perf_counter()
-        out = real(*args)
-        inside.append(time.perf_counter() - t0)
-        return out
+    def timed(step):
+        def run(*args, **kw):
+            t0 = time.perf_counter()
+            out = step(*args, **kw)
+            inside.append(time.perf_counter() - t0)
+            return out
+        return run
 
-    model.step_sample = timed
     lines = []
     kinds = {"temperature only": GenerationParams(max_new_tokens=10**6, temperature=0.8, seed=0),
              "top-k 20 + top-p 0.9 + repetition 1.2": GenerationParams(max_new_tokens=10**6, temperature=0.8, seed=0, top_k=20,
                                                                     top_p=0.9, repetition_penalty=1.2)}
     for name, params in kinds.items():
         engine = DecodeEngine(model)
+        engine.store.step = timed(engine.store.step)  # the model call: tokens and draws in, the step graph run
         logits, state = engine.prefill([1])
         rows = [Row.start(params, row_generator(0, i), model.tokenizer, [1], tag=i) for i in range(batch)]
         engine.add(rows, logits[[0] * batch], state.select([0] * batch))

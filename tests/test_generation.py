@@ -89,11 +89,11 @@ def test_generation_is_deterministic_per_seed(rnn):
 
 def test_prompt_is_one_prefill_then_one_step_per_token(rnn):
     calls = []
-    real_prefill, real_step = rnn.prefill, rnn.step_sample
+    real_prefill, real_step = rnn.prefill, rnn.step_bound
     rnn.prefill = lambda ids: calls.append(("prefill", len(ids))) or real_prefill(ids)
-    rnn.step_sample = lambda tokens, state, *a: calls.append(("step", tokens.shape)) or real_step(tokens, state, *a)
+    rnn.step_bound = lambda binding, *a: calls.append("step") or real_step(binding, *a)
     generate(rnn, "to be or not", GenerationParams(max_new_tokens=10, seed=1))
-    assert calls == [("prefill", 12)] + [("step", (1,))] * 9  # no model call after the last token
+    assert calls == [("prefill", 12)] + ["step"] * 9  # no model call after the last token
 
 
 def test_greedy_generation_follows_the_argmax_path(rnn):

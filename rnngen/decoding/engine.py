@@ -179,6 +179,7 @@ class DecodeEngine:
         self._n = 0
         self._live = np.zeros(0, dtype=np.int64)  # used slots, ascending (rebuilt on membership changes)
         self._rp: RowParams | None = None
+        self._all_sampled = True  # every row's next token was drawn in the graph at the last step
         self._dirty = True
 
     def __len__(self) -> int:
@@ -218,6 +219,7 @@ class DecodeEngine:
             self._attach(row, slot)
             self._fresh[slot] = np.asarray(logits[j], dtype=np.float32)
         self._n += len(rows)
+        self._all_sampled = False  # the new rows' first tokens are chosen from their logits
         self._dirty = True
 
     def select(self, indices: list[int], rows: list[Row] | None = None) -> None:
@@ -300,14 +302,23 @@ class DecodeEngine:
             tokens, failed = np.asarray(tokens, dtype=np.int64), []
             logprobs = self._logit_at(live, tokens) - self._log_z(live)
         details = self._details(live, tokens) if self._rp.any_introspect else {}
-        ok = np.ones(len(live), dtype=bool)
-        ok[failed] = False
         if failed:
+            ok = np.ones(len(live), dtype=bool)
+            ok[failed] = False
             self._record(live[ok], tokens[ok], logprobs[ok])
         else:
-            self._record(live, tokens, logprobs)
+            ok = self._all_ok
+            self._record(self._slot_range if self._contiguous else live, tokens, logprobs)
         counts = a["count"][live]
-        finished = (counts >= a["max_new"][live]) | ~ok
+        # Steps to the first length limit and to the first row whose unread text must be made are
+        # counted down (every row gains one token a step), so most steps check neither per row.
+        self._length_due -= 1
+        self._decode_due -= 1
+        if self._length_due <= 0 or failed or self._interrupting or self._stop_positions:
+            finished = (counts >= a["max_new"][live]) | ~ok
+            self._length_due = int((a["max_new"][live] - counts).min())
+        else:
+            finished = self._none_finished
         if self._interrupting:  # every row leaves after this token (see interrupt)
             finished[:] = True
             self._interrupting = False
@@ -316,15 +327,19 @@ class DecodeEngine:
             if ok[i]:
                 texts[i] = self._decode(live[i])
                 finished[i] |= self._row_at[live[i]].stops.stopped
-        # Text nobody read is made before the window forgets its tokens (it comes with this update).
-        for i in np.flatnonzero(counts - a["decoded"][live] >= WINDOW // 2).tolist():
-            texts[i] = texts.get(i, "") + self._decode(live[i])
-        rows = self._row_at[live]
+        if self._decode_due <= 0:
+            # Text nobody read is made before the window forgets its tokens (it comes with this update).
+            behind = counts - a["decoded"][live]
+            for i in np.flatnonzero(behind >= WINDOW // 2).tolist():
+                texts[i] = texts.get(i, "") + self._decode(live[i])
+                behind[i] = 0
+            self._decode_due = WINDOW // 2 - int(behind.max())
         errors = {}
-        ends = np.flatnonzero(finished)
-        if len(ends):
-            self._finish(live, ends, ok, texts, errors)
-        updates = StepUpdates(self, rows, live, tokens, finished, counts, texts, details, errors)
+        if finished is not self._none_finished:
+            ends = np.flatnonzero(finished)
+            if len(ends):
+                self._finish(live, ends, ok, texts, errors)
+        updates = StepUpdates(self, self._live_rows, live, tokens, finished, counts, texts, details, errors)
         if self._n:
             self._run_model()
         return updates
@@ -359,18 +374,22 @@ class DecodeEngine:
             self.sync(row)
         self._leave(slots)
 
-    def _record(self, slots: np.ndarray, tokens: np.ndarray, logprobs: np.ndarray) -> None:
+    def _record(self, slots: np.ndarray | slice, tokens: np.ndarray, logprobs: np.ndarray) -> None:
+        """The slots' new tokens into their records (`slots`: an index array, or a slice over every used slot)."""
         a = self._a
+        index = self._rp.row_index if isinstance(slots, slice) else slots  # the ring wants an array of rows
         a["count"][slots] += 1
         a["logprob"][slots] += logprobs
         a["last"][slots] = tokens
-        written = a["written"][slots]
-        self._ring[slots, written % WINDOW] = tokens
-        a["written"][slots] = written + 1
+        written = a["written"][slots]  # a view for a slice, else a copy
+        self._ring[index, written % WINDOW] = tokens
+        written += 1
+        if not isinstance(slots, slice):
+            a["written"][slots] = written
         if self._seen is not None:
-            self._seen[slots, tokens] = True
+            self._seen[index, tokens] = True
         if self._counts is not None:
-            self._counts[slots, tokens] += 1
+            self._counts[index, tokens] += 1
 
     def _run_model(self) -> None:
         """One batched model call; temperature-only rows get their next token sampled in the graph."""
@@ -378,13 +397,16 @@ class DecodeEngine:
             self._rebuild()
         rows, a = self.store.rows, self._a
         uniforms = None
-        if len(self._draw_slots):
+        if self._all_draw:
+            uniforms = self._rng.random_range(rows)
+        elif len(self._draw_slots):
             uniforms = np.zeros(rows, dtype=np.float32)
             uniforms[self._draw_slots] = self._rng.random(self._draw_slots)
         a["next"][:rows] = self.store.step(a["last"][:rows], uniforms)
         a["log_z"][:rows] = self.store.read_log_z()
         self._logits = self.store.read_logits()
         self._fresh.clear()
+        self._all_sampled = True
 
     @staticmethod
     def _apply_processors(row: Row, x: np.ndarray, i: int, history: list[int]) -> bool:
@@ -449,6 +471,8 @@ class DecodeEngine:
         rp, a = self._rp, self._a
         tokens = a["next"][live]
         log_z = a["log_z"][live]
+        if self._all_simple and self._all_sampled:  # every row's token was drawn by the graph
+            return tokens, self._logits[rp.row_index if self._contiguous else live, tokens] - log_z, []
         from_graph = rp.simple & (tokens >= 0)
         if from_graph.all():
             return tokens, self._logit_at(live, tokens) - log_z, []
@@ -580,6 +604,18 @@ class DecodeEngine:
         rp.introspect = p["introspect"]
         self._stop_positions = np.flatnonzero(self._a["has_stops"][live]).tolist()
         self._draw_slots = live[rp.graph_sampled]
+        n = len(live)
+        self._contiguous = n == self.store.rows  # the used slots are 0 .. n-1: slices, not index arrays
+        self._slot_range = slice(0, n)
+        self._all_simple = bool(rp.simple.all())
+        self._all_draw = self._contiguous and len(self._draw_slots) == n
+        self._live_rows = self._row_at[live]
+        self._all_ok = np.ones(n, dtype=bool)
+        self._none_finished = np.zeros(n, dtype=bool)
+        self._none_finished.flags.writeable = False  # shared by the steps' updates
+        counts = self._a["count"][live]
+        self._length_due = int((self._a["max_new"][live] - counts).min()) if n else 0
+        self._decode_due = WINDOW // 2 - int((counts - self._a["decoded"][live]).max()) if n else 0
         self._dirty = False
 
     def _window(self, slot: int) -> np.ndarray:

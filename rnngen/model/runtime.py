@@ -153,6 +153,11 @@ class RnnModel:
         next_tokens, log_z = rest[len(self.state_names) :]
         return logits[:, 0], next_tokens, log_z, dict(zip(self.state_names, new_state))
 
+    def step_bound(self, binding, run_options=None) -> None:
+        """A step of the sampling step graph on inputs and outputs bound in an IOBinding of
+        `step_session` (rnngen.model.slots, rnngen.model.graph_stepper): nothing allocated, nothing copied."""
+        self.step_session.run_with_iobinding(binding, run_options)
+
 
 def sampling_feeds(batch: int, temperature: np.ndarray | None = None, uniform: np.ndarray | None = None
                    ) -> dict[str, np.ndarray]:

@@ -16,8 +16,9 @@ from typing import Protocol
 import numpy as np
 
 from rnngen.errors import InvalidParameterError, OverloadedError
-from rnngen.model.runtime import RnnModel, sampling_feeds
-from rnngen.model.step_graph import SAMPLE_UNIFORM
+from rnngen.model.loop_graph import LOGITS, TOKENS, state_output_name
+from rnngen.model.runtime import RnnModel
+from rnngen.model.step_graph import LOG_Z, NEXT_TOKEN, SAMPLE_GREEDY, SAMPLE_INV_TEMPERATURE, SAMPLE_UNIFORM
 
 
 class SlotStore(Protocol):
@@ -62,12 +63,47 @@ def bucket_capacity(needed: int, limit: int | None) -> int:
     return size if limit is None else min(size, limit)
 
 
-class HostSlots:
-    """The slot store in host memory, stepped with `RnnModel.step_sample`.
+class _Bound:
+    """The step graph's inputs and outputs for `rows` rows: host arrays bound once, by address, in two
+    IOBindings (one per direction of the state ping-pong: each step reads one state set, writes the other)."""
 
-    The state is one (L, capacity, H) array per state name; the capacity grows in powers of two
-    (copying the batch once per doubling) up to `max_capacity` (None: no limit). When every slot
-    up to the capacity is used, a step feeds and keeps the arrays without copying them.
+    def __init__(self, model: RnnModel, rows: int):
+        cfg = model.config
+        shape = (cfg.num_layers, rows, cfg.hidden_size)
+        self.rows = rows
+        self.state = [{s: np.zeros(shape, np.float32) for s in model.state_names} for _ in range(2)]
+        self.tokens = np.zeros((rows, 1), np.int64)
+        self.uniform = np.zeros((rows, 1), np.float32)
+        self.inv_temperature = np.ones((rows, 1), np.float32)
+        self.greedy = np.ones(rows, dtype=bool)
+        self.logits = np.zeros((rows, 1, cfg.vocab_size), np.float32)
+        self.next_token = np.zeros(rows, np.int64)
+        self.log_z = np.zeros(rows, np.float32)
+        inputs = {TOKENS: self.tokens, SAMPLE_UNIFORM: self.uniform, SAMPLE_INV_TEMPERATURE: self.inv_temperature,
+                  SAMPLE_GREEDY: self.greedy}
+        outputs = {LOGITS: self.logits, NEXT_TOKEN: self.next_token, LOG_Z: self.log_z}
+        self.bindings = []
+        for parity in (0, 1):
+            binding = model.step_session.io_binding()
+            ins = {**inputs, **self.state[parity]}
+            outs = {**outputs, **{state_output_name(s): v for s, v in self.state[1 - parity].items()}}
+            for name, array in ins.items():
+                binding.bind_input(name, "cpu", 0, array.dtype, list(array.shape), array.ctypes.data)
+            for name, array in outs.items():
+                binding.bind_output(name, "cpu", 0, array.dtype, list(array.shape), array.ctypes.data)
+            self.bindings.append(binding)
+
+
+class HostSlots:
+    """The slot store in host memory, stepped through the step graph with fixed bindings.
+
+    The state of the stepped slots (0 .. rows - 1) lives in host arrays that the step graph reads
+    and writes in place (rnngen's `_Bound`): a step copies in only the tokens and the draws, and
+    allocates nothing. The arrays are made anew, the rows copied over, only when the number of
+    stepped rows changes (a row joins past the last one, the last one leaves, a gather), so
+    padding rows cost nothing beyond the free slots below the last used one.
+    `capacity` (the slots the engine keeps records for) grows in powers of two up to
+    `max_capacity` (None: no limit).
     """
 
     def __init__(self, model: RnnModel, max_capacity: int | None = None):
@@ -76,12 +112,12 @@ class HostSlots:
         self.model = model
         self.max_capacity = max_capacity
         self.capacity = 0
-        self._state = model.initial_state(0)
         self._used = np.zeros(0, dtype=bool)
         self._temperature = np.zeros(0, dtype=np.float32)
         self._rows = 0
-        self._logits = self._log_z = None
-        self._feeds = None  # the step graph's sampling inputs, rebuilt when a temperature or the rows change
+        self._bound: _Bound | None = None
+        self._parity = 0  # which of the bound state sets holds the current state
+        self._sampling_dirty = True  # the bound temperatures are to be rewritten before the next step
 
     @property
     def rows(self) -> int:
@@ -92,17 +128,34 @@ class HostSlots:
 
     def _grow(self, capacity: int) -> None:
         extra = capacity - self.capacity
-        self._state = {k: np.concatenate([v, np.zeros((v.shape[0], extra, v.shape[2]), np.float32)], axis=1)
-                       for k, v in self._state.items()}
         self._used = np.concatenate([self._used, np.zeros(extra, dtype=bool)])
         self._temperature = np.concatenate([self._temperature, np.zeros(extra, dtype=np.float32)])
         self.capacity = capacity
 
+    def _state(self) -> dict[str, np.ndarray]:
+        return self._bound.state[self._parity]
+
+    def _rebind(self, rows: int, order: np.ndarray | None = None) -> None:
+        """Arrays for `rows` stepped rows; row i takes the current row order[i] (default: row i, as far as both have)."""
+        old = self._state() if self._bound is not None else None
+        self._bound = _Bound(self.model, rows) if rows else None
+        self._parity = 0
+        self._sampling_dirty = True
+        if old is None or self._bound is None:
+            return
+        if order is None:
+            order = np.arange(min(rows, next(iter(old.values())).shape[1]))
+        for k, v in self._state().items():
+            v[:, : len(order)] = old[k][:, order]
+
     def _set_used(self, slots, used: bool) -> None:
         self._used[slots] = used
-        self._feeds = None
+        self._sampling_dirty = True
         occupied = np.flatnonzero(self._used)
-        self._rows = int(occupied[-1]) + 1 if len(occupied) else 0
+        rows = int(occupied[-1]) + 1 if len(occupied) else 0
+        if rows != self._rows:
+            self._rows = rows
+            self._rebind(rows)
 
     def allocate(self, count: int) -> np.ndarray:
         free = np.flatnonzero(~self._used)
@@ -122,57 +175,59 @@ class HostSlots:
 
     def write_rows(self, slots, state: dict[str, np.ndarray], temperature: np.ndarray | None = None) -> None:
         slots = self._check_slots(slots)
-        for k, v in self._state.items():
+        self._set_used(slots, True)
+        for k, v in self._state().items():
             v[:, slots] = state[k]
         self._temperature[slots] = 0.0 if temperature is None else temperature
-        self._set_used(slots, True)
 
     def free(self, slots) -> None:
         slots = self._check_slots(slots)
-        self._set_used(slots, False)
         self._temperature[slots] = 0.0
+        self._set_used(slots, False)
 
     def gather(self, order) -> None:
         order = np.asarray(order, dtype=np.int64).reshape(-1)
         if len(order) and (order.min() < 0 or order.max() >= self._rows or not self._used[order].all()):
             raise InvalidParameterError(f"gather: {order.tolist()} names a slot that holds no row")
-        if len(order) > self.capacity:
-            self._grow(bucket_capacity(len(order), self.max_capacity))
         n = len(order)
-        for v in self._state.values():
-            v[:, :n] = v[:, order]
+        if n > self.capacity:
+            self._grow(bucket_capacity(n, self.max_capacity))
+        self._rows = n
+        self._rebind(n, order)
         self._temperature[:n] = self._temperature[order]
         self._temperature[n:] = 0.0
         self._used[:] = False
-        self._set_used(slice(0, n), True)
+        self._used[:n] = True
 
     def read_rows(self, slots) -> dict[str, np.ndarray]:
         slots = self._check_slots(slots)
-        return {k: v[:, slots] for k, v in self._state.items()}
+        return {k: v[:, slots] for k, v in self._state().items()}
 
     def step(self, tokens: np.ndarray, uniforms: np.ndarray | None = None,
              temperature: np.ndarray | None = None) -> np.ndarray:
-        rows = self._rows
+        """One token for every stepped row; the drawn tokens (rows,) are a view, valid until the next step."""
+        bound = self._bound
+        if bound is None:
+            raise InvalidParameterError("step: no rows; write_rows first")
         if temperature is not None:
-            self._temperature[:rows] = temperature
-            self._feeds = None
-        if self._feeds is None:
-            self._feeds = sampling_feeds(rows, self._temperature[:rows])
-        feeds = self._feeds
+            self._temperature[: self._rows] = temperature
+            self._sampling_dirty = True
+        if self._sampling_dirty:
+            temperature = self._temperature[: self._rows]
+            greedy = temperature == 0.0
+            bound.greedy[:] = greedy
+            bound.inv_temperature[:, 0] = np.where(greedy, 1.0, 1.0 / np.where(greedy, 1.0, temperature))
+            self._sampling_dirty = False
+        bound.tokens[:, 0] = tokens
         if uniforms is not None:
-            feeds[SAMPLE_UNIFORM] = np.asarray(uniforms, dtype=np.float32).reshape(-1, 1)
-        whole = rows == self.capacity
-        state = self._state if whole else {k: np.ascontiguousarray(v[:, :rows]) for k, v in self._state.items()}
-        self._logits, next_tokens, self._log_z, new_state = self.model.step_sample(tokens, state, feeds)
-        if whole:
-            self._state = new_state
-        else:
-            for k, v in new_state.items():
-                self._state[k][:, :rows] = v
-        return next_tokens
+            bound.uniform[:, 0] = uniforms
+        self.model.step_bound(bound.bindings[self._parity])
+        self._parity = 1 - self._parity
+        return bound.next_token
 
     def read_logits(self) -> np.ndarray:
-        return self._logits
+        """The last step's logits (rows, V): a view, valid until the next step."""
+        return self._bound.logits[:, 0]
 
     def read_log_z(self) -> np.ndarray:
-        return self._log_z
+        return self._bound.log_z
