@@ -120,6 +120,30 @@ def test_a_row_decodes_the_same_alone_or_among_32_others(rnn):
     assert all(r.finish_reason in ("length", "stop") for r in rows)
 
 
+def test_rows_joining_at_other_steps_end_at_their_own_limits_with_all_their_unread_text(rnn):
+    """Temperature-only rows (the step's cheapest path: length and unread-text checks counted down,
+    not run per row): each ends after exactly its max_new_tokens, and text nobody read for longer
+    than the token ring holds is still all there, as each row decodes it alone."""
+    from rnngen.decoding.rows import HISTORY_WINDOW
+
+    tok = rnn.tokenizer
+    limits = [7, 3 * HISTORY_WINDOW, 40, 3, HISTORY_WINDOW // 2 + 5, 90]
+    params = [GenerationParams(max_new_tokens=n, seed=i, temperature=0.9) for i, n in enumerate(limits)]
+    engine = DecodeEngine(rnn)
+    rows = []
+    for i, p in enumerate(params):
+        ids = tok.encode("the " * (i + 1))
+        row = make_row(rnn, ids, p, i)
+        engine.add([row], *engine.prefill(ids))
+        rows.append(row)
+        for _ in range(i * 2):  # the others step on before the next row joins (updates never read)
+            engine.step()
+    run_to_end(engine)
+    for i, (row, p) in enumerate(zip(rows, params)):
+        assert row.finish_reason == "length" and row.count == p.max_new_tokens
+        assert row.text == alone(rnn, "the " * (i + 1), p)
+
+
 def test_rows_join_leave_copy_and_reorder_between_steps(rnn):
     tok = rnn.tokenizer
     pa = GenerationParams(max_new_tokens=50, seed=1)
@@ -249,6 +273,25 @@ def test_slots_join_leave_and_gather_as_the_batch_gathers_did(rnn):
             for k in names:
                 np.testing.assert_allclose(got[k], state[k], atol=1e-6)
     assert store.rows == max(reference) + 1
+
+
+def test_host_slots_step_in_place_until_the_stepped_rows_change(rnn):
+    """The step graph writes into arrays bound once: the same buffers step after step, made anew
+    only when a row joins past the last stepped slot."""
+    store = HostSlots(rnn)
+    store.write_rows(store.allocate(3), rnn.initial_state(3), np.full(3, 0.8, np.float32))
+    tokens = np.array([1, 2, 3])
+    store.step(tokens, np.full(3, 0.5))
+    first = store.read_logits()
+    store.step(tokens, np.full(3, 0.5))
+    assert np.shares_memory(first, store.read_logits())
+    store.free([1])  # a hole below the last used slot: still three stepped rows
+    store.step(tokens, np.full(3, 0.5))
+    assert np.shares_memory(first, store.read_logits())
+    store.write_rows(store.allocate(2), rnn.initial_state(2))  # slot 1 again, then slot 3: four rows
+    assert store.rows == 4
+    store.step(np.array([1, 2, 3, 4]), np.full(4, 0.5))
+    assert not np.shares_memory(first, store.read_logits()) and store.read_logits().shape[0] == 4
 
 
 def test_slot_generators_draw_what_each_rows_own_generator_draws():

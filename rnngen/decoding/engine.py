@@ -156,8 +156,8 @@ class DecodeEngine:
     """Rows in the slots of one state store, stepped together with one model call per step.
 
     `store`: where the state lives (default: `default_store`: on CUDA a SlotStepper with
-    `capacity` or DEVICE_SLOTS slots, elsewhere HostSlots growing in powers of two up to
-    `capacity` rows, None: no limit). Any other SlotStore plugs in here.
+    `capacity` or DEVICE_SLOTS slots, elsewhere HostSlots, whose slot records grow in powers of two
+    up to `capacity` rows, None: no limit). Any other SlotStore plugs in here.
     """
 
     def __init__(self, model: RnnModel, store: SlotStore | None = None, capacity: int | None = None):

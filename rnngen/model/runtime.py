@@ -4,7 +4,7 @@
 in one call), a copy of it that returns the last position's logits only
 (`prefill`: a prompt in chunks of PREFILL_CHUNK tokens, carrying the state), and
 the loop-free step graph derived from it with a sampling head (`step`,
-`step_sample`), which decoding calls once per token. Where the runtime has a
+`step_sample`, and `step_bound` on buffers bound once: how decoding steps, once per token). Where the runtime has a
 fused kernel that beats the Loop (see FUSED_RUN_CELLS), `run` and `prefill` go
 through a graph of standard ONNX LSTM/GRU/RNN ops
 derived from the same weights instead (rnngen.model.fused_graph); the Loop graph
