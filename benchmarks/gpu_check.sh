@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One command for a GPU host: where rnngen runs, whether CUDA gives the CPU's text, whether the
-# CUDA graph path is active, and the decode benchmark's device lines. Finishes in under 8 minutes.
+# CUDA graph path is active, the decode benchmark's device lines and the serve benchmark. Finishes in
+# under 9 minutes.
 #
 # On the lent GPU machine (see ../shared/gpu/README.md), from the checkout:
 #   source .ortgpu/activate.sh || exit 1; bash benchmarks/gpu_check.sh
@@ -24,7 +25,7 @@ for arg in "$@"; do
 done
 models=(lstm gru rnn) tokens=300 steps=200 engine_reserve=110
 if [ "$smoke" = 1 ]; then models=(lstm) tokens=40 steps=20; fi
-start=$SECONDS deadline=460  # seconds: every step's timeout is cut to what is left of this
+start=$SECONDS deadline=530  # seconds: every step's timeout is cut to what is left of this
 
 left() {  # seconds a step may take: its own limit, cut to the time left before the deadline
   local want=$1 rest=$((deadline - (SECONDS - start) - ${2:-0}))
@@ -75,10 +76,14 @@ done
 
 if [ "$smoke" = 0 ]; then
   echo "== benchmark: device paths (benchmarks/decode.py --device $device --only device)"
-  if [ "$device" = cuda ]; then batches=1,1024; else batches=1,64; fi
+  if [ "$device" = cuda ]; then batches=1,1024 streams=64,256,1024; else batches=1,64 streams=8,64; fi
   limit=$(left 240 "$engine_reserve")
   timeout "$limit" "$PY" benchmarks/decode.py --device "$device" --batches "$batches" --only device --quick 2>&1 \
     || echo "(device benchmark stopped: exit $?, limit ${limit}s)"
+  echo "== benchmark: serving (benchmarks/serve.py --device $device --streams $streams --tokens 200)"
+  limit=$(left 150 "$engine_reserve")
+  timeout "$limit" "$PY" benchmarks/serve.py --device "$device" --streams "$streams" --tokens 200 2>&1 \
+    || echo "(serve benchmark stopped: exit $?, limit ${limit}s)"
   echo "== benchmark: engine (benchmarks/decode.py --device $device --only speed --quick)"
   limit=$(left "$engine_reserve")
   timeout "$limit" "$PY" benchmarks/decode.py --device "$device" --batches "$batches" --only speed --quick 2>&1 \
