@@ -192,8 +192,14 @@ class HostSlots:
         n = len(order)
         if n > self.capacity:
             self._grow(bucket_capacity(n, self.max_capacity))
-        self._rows = n
-        self._rebind(n, order)
+        if n == self._rows and self._bound is not None:  # the same rows stepped (beams): gather in place
+            gathered = {k: v[:, order] for k, v in self._state().items()}
+            for k, v in self._state().items():
+                v[...] = gathered[k]
+            self._sampling_dirty = True
+        else:
+            self._rows = n
+            self._rebind(n, order)
         self._temperature[:n] = self._temperature[order]
         self._temperature[n:] = 0.0
         self._used[:] = False
