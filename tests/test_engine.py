@@ -275,6 +275,30 @@ def test_slots_join_leave_and_gather_as_the_batch_gathers_did(rnn):
     assert store.rows == max(reference) + 1
 
 
+def test_a_reader_that_keeps_up_gets_each_tokens_own_text_in_its_update(rnn):
+    """Iterating a step's updates (as the server does every step) gives each row the text of the
+    token that step chose, and the row's text is their concatenation."""
+    tok = rnn.tokenizer
+    engine = DecodeEngine(rnn)
+    rows = []
+    for i in range(5):
+        ids = tok.encode("to be ")
+        rows.append(make_row(rnn, ids, GenerationParams(max_new_tokens=30 + i, seed=i, temperature=0.9), i))
+        engine.add([rows[-1]], *engine.prefill(ids))
+    pieces = {i: [] for i in range(5)}
+    steps = 0
+    while len(engine):
+        updates = engine.step()
+        steps += 1
+        for update in updates:
+            assert update.text == tok.decode([update.token])
+            pieces[update.row.tag].append(update.text)
+        assert [u.token for u in updates] == updates.tokens.tolist()  # iterating twice gives the same updates
+    assert steps == 34
+    for i, row in enumerate(rows):
+        assert "".join(pieces[i]) == row.text and len(pieces[i]) == 30 + i
+
+
 def test_host_slots_step_in_place_until_the_stepped_rows_change(rnn):
     """The step graph writes into arrays bound once: the same buffers step after step, made anew
     only when a row joins past the last stepped slot."""

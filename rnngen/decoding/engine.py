@@ -125,7 +125,22 @@ class StepUpdates:
         return self._made[i]
 
     def __iter__(self):
-        return (self[i] for i in range(len(self.slots)))
+        if len(self._made) == len(self.slots):
+            return (self._made[i] for i in range(len(self.slots)))
+        return self._make_all()
+
+    def _make_all(self):
+        """Every update in order, the arrays read once (a server reads them all every step)."""
+        engine, made, texts, details, errors = self.engine, self._made, self._texts, self._details, self._errors
+        for i, (row, token, finished, count) in enumerate(zip(self.rows, self.tokens.tolist(), self.finished.tolist(),
+                                                               self._counts.tolist())):
+            update = made.get(i)
+            if update is None:
+                text = texts.get(i)
+                if text is None:
+                    text = engine._decode(row.slot, count) if row.engine is engine else ""
+                update = made[i] = RowUpdate(row, token, text, finished, details.get(i), errors.get(i))
+            yield update
 
 
 def resume(model: RnnModel, snapshot: RowSnapshot, params: GenerationParams, **kw) -> tuple[Row, np.ndarray, BatchState]:
@@ -633,8 +648,12 @@ class DecodeEngine:
             return ""
         row = self._row_at[slot]
         end = int(a["written"][slot]) - (count - upto)
-        tokens = self._ring[slot, np.arange(end - (upto - done), end) % WINDOW].tolist()
-        text = row.stops.push("".join(row.decoder.push(t) for t in tokens))
+        if upto - done == 1:  # a reader that keeps up (a server): one token, no index array
+            text = row.decoder.push(int(self._ring[slot, (end - 1) % WINDOW]))
+        else:
+            tokens = self._ring[slot, np.arange(end - (upto - done), end) % WINDOW].tolist()
+            text = "".join(row.decoder.push(t) for t in tokens)
+        text = row.stops.push(text)
         a["decoded"][slot] = upto
         row.add_text(text)
         return text
