@@ -484,10 +484,14 @@ class DecodeEngine:
         just joined) go through the numpy processors on their logits.
         """
         rp, a = self._rp, self._a
+        if self._all_simple and self._all_sampled:  # every row's token was drawn by the graph
+            if self._contiguous:  # slices: cheaper than index arrays
+                tokens = a["next"][: len(live)].copy()
+                return tokens, self._logits[rp.row_index, tokens] - a["log_z"][: len(live)], []
+            tokens = a["next"][live]
+            return tokens, self._logits[live, tokens] - a["log_z"][live], []
         tokens = a["next"][live]
         log_z = a["log_z"][live]
-        if self._all_simple and self._all_sampled:  # every row's token was drawn by the graph
-            return tokens, self._logits[rp.row_index if self._contiguous else live, tokens] - log_z, []
         from_graph = rp.simple & (tokens >= 0)
         if from_graph.all():
             return tokens, self._logit_at(live, tokens) - log_z, []
