@@ -318,6 +318,40 @@ def test_host_slots_step_in_place_until_the_stepped_rows_change(rnn):
     assert not np.shares_memory(first, store.read_logits()) and store.read_logits().shape[0] == 4
 
 
+def test_host_slots_keep_their_arrays_while_the_top_rows_come_and_go_and_every_row_stays_its_own(rnn):
+    """With 40 rows the arrays hold a few padding rows (an eighth of 32 at most): the top row leaving
+    and a row joining there re-make nothing, and each row's state steps exactly as it would alone."""
+    from rnngen.model.slots import bound_size
+
+    assert [bound_size(n, 1 << 20) for n in (1, 15, 16, 17, 39, 40, 41, 1000)] == [1, 15, 16, 18, 40, 40, 44, 1024]
+    gen = np.random.default_rng(5)
+    names = rnn.state_names
+    store = HostSlots(rnn)
+    state = {k: gen.normal(0, 0.5, v.shape).astype(np.float32) for k, v in rnn.initial_state(40).items()}
+    store.write_rows(store.allocate(40), state)
+    reference = {i: {k: state[k][:, i : i + 1] for k in names} for i in range(40)}
+    store.step(np.zeros(40, dtype=np.int64))
+    first = store.read_logits()
+    for i in range(40):
+        _, reference[i] = rnn.step(np.zeros(1, dtype=np.int64), reference[i])
+    store.free([39, 38])
+    del reference[39], reference[38]
+    joined = {k: gen.normal(0, 0.5, v.shape).astype(np.float32) for k, v in rnn.initial_state(1).items()}
+    store.write_rows(store.allocate(1), joined)  # slot 38
+    reference[38] = joined
+    assert store.rows == 39
+    for _ in range(3):
+        tokens = gen.integers(0, rnn.config.vocab_size, store.rows)
+        store.step(tokens)
+        assert np.shares_memory(first, store.read_logits()) and store.read_logits().shape[0] == 39
+        for slot in reference:
+            _, reference[slot] = rnn.step(tokens[slot : slot + 1], reference[slot])
+    got = store.read_rows(sorted(reference))
+    for j, slot in enumerate(sorted(reference)):
+        for k in names:
+            np.testing.assert_allclose(got[k][:, j : j + 1], reference[slot][k], atol=1e-5)
+
+
 def test_slot_generators_draw_what_each_rows_own_generator_draws():
     """Many rows' PCG64 streams advanced together give numpy's own doubles, and the position goes back."""
     from rnngen.decoding.random_streams import SlotGenerators

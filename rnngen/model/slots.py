@@ -94,14 +94,23 @@ class _Bound:
             self.bindings.append(binding)
 
 
+def bound_size(rows: int, capacity: int) -> int:
+    """Rows the host arrays hold for `rows` stepped rows: rounded up to a multiple of an eighth of the
+    largest power of two not above `rows` (exact up to 15 rows; padding rows are stepped and ignored)."""
+    if rows <= 0:
+        return 0
+    step = max(1, (1 << (rows.bit_length() - 1)) // 8)
+    return min(-(-rows // step) * step, max(capacity, rows))
+
+
 class HostSlots:
     """The slot store in host memory, stepped through the step graph with fixed bindings.
 
     The state of the stepped slots (0 .. rows - 1) lives in host arrays that the step graph reads
-    and writes in place (rnngen's `_Bound`): a step copies in only the tokens and the draws, and
-    allocates nothing. The arrays are made anew, the rows copied over, only when the number of
-    stepped rows changes (a row joins past the last one, the last one leaves, a gather), so
-    padding rows cost nothing beyond the free slots below the last used one.
+    and writes in place (`_Bound`): a step copies in only the tokens and the draws, and allocates
+    nothing. The arrays hold `bound_size(rows)` rows (the rows rounded up by at most an eighth,
+    see there) and are made anew, the rows copied over, only when that size changes, so rows
+    joining and leaving at the top of a large batch do not re-make them every step.
     `capacity` (the slots the engine keeps records for) grows in powers of two up to
     `max_capacity` (None: no limit).
     """
@@ -148,14 +157,17 @@ class HostSlots:
         for k, v in self._state().items():
             v[:, : len(order)] = old[k][:, order]
 
+    def _size(self) -> int:
+        return self._bound.rows if self._bound is not None else 0
+
     def _set_used(self, slots, used: bool) -> None:
         self._used[slots] = used
         self._sampling_dirty = True
         occupied = np.flatnonzero(self._used)
-        rows = int(occupied[-1]) + 1 if len(occupied) else 0
-        if rows != self._rows:
-            self._rows = rows
-            self._rebind(rows)
+        self._rows = int(occupied[-1]) + 1 if len(occupied) else 0
+        size = bound_size(self._rows, self.capacity)
+        if size != self._size():
+            self._rebind(size)
 
     def allocate(self, count: int) -> np.ndarray:
         free = np.flatnonzero(~self._used)
@@ -192,14 +204,14 @@ class HostSlots:
         n = len(order)
         if n > self.capacity:
             self._grow(bucket_capacity(n, self.max_capacity))
-        if n == self._rows and self._bound is not None:  # the same rows stepped (beams): gather in place
+        self._rows = n
+        self._sampling_dirty = True
+        if bound_size(n, self.capacity) == self._size():  # the same arrays (beams, most compactions): in place
             gathered = {k: v[:, order] for k, v in self._state().items()}
             for k, v in self._state().items():
-                v[...] = gathered[k]
-            self._sampling_dirty = True
+                v[:, :n] = gathered[k]
         else:
-            self._rows = n
-            self._rebind(n, order)
+            self._rebind(bound_size(n, self.capacity), order)
         self._temperature[:n] = self._temperature[order]
         self._temperature[n:] = 0.0
         self._used[:] = False
@@ -219,21 +231,22 @@ class HostSlots:
             self._temperature[: self._rows] = temperature
             self._sampling_dirty = True
         if self._sampling_dirty:
-            temperature = self._temperature[: self._rows]
+            temperature = self._temperature[: bound.rows]  # padding slots: 0, greedy
             greedy = temperature == 0.0
             bound.greedy[:] = greedy
             bound.inv_temperature[:, 0] = np.where(greedy, 1.0, 1.0 / np.where(greedy, 1.0, temperature))
             self._sampling_dirty = False
-        bound.tokens[:, 0] = tokens
+        rows = self._rows
+        bound.tokens[:rows, 0] = tokens
         if uniforms is not None:
-            bound.uniform[:, 0] = uniforms
+            bound.uniform[:rows, 0] = uniforms
         self.model.step_bound(bound.bindings[self._parity])
         self._parity = 1 - self._parity
-        return bound.next_token
+        return bound.next_token[:rows]
 
     def read_logits(self) -> np.ndarray:
         """The last step's logits (rows, V): a view, valid until the next step."""
-        return self._bound.logits[:, 0]
+        return self._bound.logits[: self._rows, 0]
 
     def read_log_z(self) -> np.ndarray:
-        return self._bound.log_z
+        return self._bound.log_z[: self._rows]
