@@ -299,6 +299,23 @@ def test_a_reader_that_keeps_up_gets_each_tokens_own_text_in_its_update(rnn):
         assert "".join(pieces[i]) == row.text and len(pieces[i]) == 30 + i
 
 
+def test_a_reader_one_step_behind_still_gets_each_steps_own_text(rnn):
+    """Updates read after the next step has run give the text of their own step, not the next one's."""
+    tok = rnn.tokenizer
+    engine = DecodeEngine(rnn)
+    rows = []
+    for i in range(3):
+        ids = tok.encode("the ")
+        rows.append(make_row(rnn, ids, GenerationParams(max_new_tokens=20, seed=i, temperature=0.9), i))
+        engine.add([rows[-1]], *engine.prefill(ids))
+    previous = engine.step()
+    for _ in range(10):
+        current = engine.step()
+        for update in previous:
+            assert update.text == tok.decode([update.token])
+        previous = current
+
+
 def test_host_slots_step_in_place_until_the_stepped_rows_change(rnn):
     """The step graph writes into arrays bound once: the same buffers step after step, made anew
     only when a row joins past the last stepped slot."""

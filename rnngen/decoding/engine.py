@@ -106,10 +106,26 @@ class StepUpdates:
     """
 
     def __init__(self, engine: "DecodeEngine", rows: np.ndarray, slots: np.ndarray, tokens: np.ndarray,
-                 finished: np.ndarray, counts: np.ndarray, texts: dict, details: dict, errors: dict):
+                 finished: np.ndarray, counts: np.ndarray | None, texts: dict, details: dict, errors: dict):
         self.engine, self.rows, self.slots, self.tokens, self.finished = engine, rows, slots, tokens, finished
         self._counts, self._texts, self._details, self._errors = counts, texts, details, errors
+        self._step = engine._steps  # with counts None: a row's count then is its count now minus the steps since
+        self._count_list: list[int] | None = None
         self._made: dict[int, RowUpdate] = {}
+
+    def _counts_now(self) -> list[int]:
+        """Each row's token count at this step (rows still in the engine), worked out once."""
+        if self._count_list is None:
+            engine = self.engine
+            behind = engine._steps - self._step
+            if self._counts is not None:
+                self._count_list = self._counts.tolist()
+            elif engine._live is self.slots and not engine._dirty:  # the rows are where they were
+                self._count_list = (engine._a["count"][self.slots] - behind).tolist()
+            else:
+                self._count_list = [int(engine._a["count"][row.slot]) - behind if row.engine is engine else 0
+                                    for row in self.rows]
+        return self._count_list
 
     def __len__(self) -> int:
         return len(self.slots)
@@ -119,7 +135,7 @@ class StepUpdates:
             row = self.rows[i]
             text = self._texts.get(i)
             if text is None:
-                text = self.engine._decode(row.slot, self._counts[i]) if row.engine is self.engine else ""
+                text = self.engine._decode(row.slot, self._counts_now()[i]) if row.engine is self.engine else ""
             self._made[i] = RowUpdate(row, int(self.tokens[i]), text, bool(self.finished[i]), self._details.get(i),
                                       self._errors.get(i))
         return self._made[i]
@@ -133,7 +149,7 @@ class StepUpdates:
         """Every update in order, the arrays read once (a server reads them all every step)."""
         engine, made, texts, details, errors = self.engine, self._made, self._texts, self._details, self._errors
         for i, (row, token, finished, count) in enumerate(zip(self.rows, self.tokens.tolist(), self.finished.tolist(),
-                                                               self._counts.tolist())):
+                                                               self._counts_now())):
             update = made.get(i)
             if update is None:
                 text = texts.get(i)
@@ -195,6 +211,7 @@ class DecodeEngine:
         self._live = np.zeros(0, dtype=np.int64)  # used slots, ascending (rebuilt on membership changes)
         self._rp: RowParams | None = None
         self._all_sampled = True  # every row's next token was drawn in the graph at the last step
+        self._steps = 0  # steps taken (each gives every row one token)
         self._dirty = True
 
     def __len__(self) -> int:
@@ -324,12 +341,13 @@ class DecodeEngine:
         else:
             ok = self._all_ok
             self._record(self._slot_range if self._contiguous else live, tokens, logprobs)
-        counts = a["count"][live]
+        counts = None  # each row's count, read only where needed (StepUpdates works it out otherwise)
         # Steps to the first length limit and to the first row whose unread text must be made are
         # counted down (every row gains one token a step), so most steps check neither per row.
         self._length_due -= 1
         self._decode_due -= 1
         if self._length_due <= 0 or failed or self._interrupting or self._stop_positions:
+            counts = a["count"][live]
             finished = (counts >= a["max_new"][live]) | ~ok
             self._length_due = int((a["max_new"][live] - counts).min())
         else:
@@ -344,6 +362,7 @@ class DecodeEngine:
                 finished[i] |= self._row_at[live[i]].stops.stopped
         if self._decode_due <= 0:
             # Text nobody read is made before the window forgets its tokens (it comes with this update).
+            counts = a["count"][live] if counts is None else counts
             behind = counts - a["decoded"][live]
             for i in np.flatnonzero(behind >= WINDOW // 2).tolist():
                 texts[i] = texts.get(i, "") + self._decode(live[i])
@@ -354,6 +373,7 @@ class DecodeEngine:
             ends = np.flatnonzero(finished)
             if len(ends):
                 self._finish(live, ends, ok, texts, errors)
+        self._steps += 1
         updates = StepUpdates(self, self._live_rows, live, tokens, finished, counts, texts, details, errors)
         if self._n:
             self._run_model()
