@@ -67,6 +67,49 @@ def test_no_repeat_ngram_bans_completions():
     assert banned_by_ngrams(history, 0) == []
 
 
+def reference_filtered_probs(x, temperature, top_k, top_p, min_p):
+    """Steps 4-7 for one row, written plainly (the order and tie rules of rnngen.decoding.logits)."""
+    x = np.asarray(x, dtype=np.float64) / (temperature or 1.0)
+    if 0 < top_k < len(x):
+        kth = np.sort(x)[::-1][top_k - 1]
+        x = np.where(x >= kth, x, -np.inf)  # ties with the k-th largest stay
+    p = np.exp(x - x.max())
+    p /= p.sum()
+    if top_p < 1.0:
+        ranked = np.sort(p)[::-1]
+        before = np.cumsum(ranked) - ranked
+        floor = ranked[(before < top_p).sum() - 1]
+        p = np.where(p >= floor, p, 0.0)
+        p /= p.sum()
+    if min_p > 0.0:
+        p = np.where(p >= min_p * p.max(), p, 0.0)
+        p /= p.sum()
+    return p
+
+
+def test_filters_agree_with_a_plain_per_row_reference_in_mixed_batches():
+    """Rows with their own k, p, min-p and temperature in one batch, logits with ties and -inf
+    (banned tokens): the batched filters keep exactly the reference's tokens, with its probabilities."""
+    gen = np.random.default_rng(7)
+    for trial in range(200):
+        rows, vocab = int(gen.integers(1, 30)), int(gen.integers(2, 70))
+        x = gen.normal(0, 2, (rows, vocab))
+        if trial % 3 == 0:
+            x = np.round(x)  # ties, at the k-th largest too
+        if trial % 4 == 0:
+            x[:, : vocab // 4] = -np.inf
+        x[:, -1] = np.maximum(x[:, -1], 0.0)  # at least one finite logit per row
+        params = [GenerationParams(temperature=float(gen.choice([0.0, 0.6, 1.0, 1.7])),
+                                   top_k=int(gen.choice([0, 1, 3, 10, vocab - 1, vocab + 2])) if trial % 5 else 0,
+                                   top_p=float(gen.choice([1.0, 0.3, 0.9])), min_p=float(gen.choice([0.0, 0.0, 0.2])))
+                  for _ in range(rows)]
+        got = filtered_probs(x.copy(), RowParams.from_params(params))
+        for i, p in enumerate(params):
+            want = reference_filtered_probs(x[i], p.temperature, p.top_k, p.top_p, p.min_p)
+            np.testing.assert_array_equal(got[i] > 0, want > 0)
+            np.testing.assert_allclose(got[i], want, rtol=1e-12, atol=1e-15)
+
+
 def test_draw_is_inverse_cdf():
     p = np.array([[0.2, 0.0, 0.5, 0.3]] * 4)
     assert draw(p, np.array([0.0, 0.19, 0.2, 0.999])).tolist() == [0, 0, 2, 3]

@@ -115,7 +115,6 @@ def filtered_probs(logits: np.ndarray, rp: RowParams) -> np.ndarray:
     """Steps 4-7 for sampling rows: probabilities (B, V), each row summing to 1 (float32 or float64).
 
     Greedy rows (temperature 0) are computed at temperature 1; the caller takes their argmax instead.
-    Arrays are changed in place where that saves a pass over (B, V); `logits` itself is not changed.
     """
     x = logits / rp.sampling_temperature
     rows = np.arange(len(x))
@@ -123,7 +122,7 @@ def filtered_probs(logits: np.ndarray, rp: RowParams) -> np.ndarray:
     # rank order: exp and division are elementwise, so sorting logits first gives the same numbers).
     ranked_x = np.sort(x, axis=1)[:, ::-1] if rp.uses_top_k or rp.uses_top_p else None
     peak = x.max(axis=1, keepdims=True)  # top-k never removes the largest logit
-    probs = np.exp(x - peak)  # on finite logits: numpy's exp is 5-9x slower on -inf
+    probs = np.exp(x - peak)  # before top-k's cut, which would put -inf in: numpy's exp is 5-9x slower on -inf
     kth = None
     if rp.uses_top_k:
         k, vocab = rp.top_k, x.shape[1]
@@ -135,12 +134,10 @@ def filtered_probs(logits: np.ndarray, rp: RowParams) -> np.ndarray:
     probs /= total
     if rp.uses_top_p:
         # Every row under top-k keeps at most its k largest (and their ties, which share the k-th
-        # value): the first max(k) ranks decide the cut.
+        # value): the first max(k) ranks decide the cut. Ranks past a row's own k hold tokens top-k
+        # removed; the floor found there is below every kept token, so it keeps them all, as it should.
         width = int(rp.top_k.max()) if kth is not None and np.all(active) else ranked_x.shape[1]
-        head = ranked_x[:, :width]
-        ranked = np.exp(head - peak)
-        if kth is not None:
-            ranked = np.where(head >= kth, ranked, 0.0)
+        ranked = np.exp(ranked_x[:, :width] - peak)
         ranked /= total
         before = np.cumsum(ranked, axis=1)
         before -= ranked  # mass of the tokens ranked above each token
@@ -150,7 +147,7 @@ def filtered_probs(logits: np.ndarray, rp: RowParams) -> np.ndarray:
         probs /= probs.sum(axis=1, keepdims=True)
     if rp.uses_min_p:
         floor = rp.min_p[:, None] * probs.max(axis=1, keepdims=True)
-        probs[probs < floor] = 0.0
+        probs = np.where(probs >= floor, probs, 0.0)
         probs /= probs.sum(axis=1, keepdims=True)
     return probs
 
