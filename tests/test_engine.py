@@ -333,10 +333,11 @@ def test_a_reader_that_keeps_up_gets_each_tokens_own_text_in_its_update(rnn):
     while len(engine):
         updates = engine.step()
         steps += 1
-        for update in updates:
+        first = list(updates)
+        for update in first:
             assert update.text == tok.decode([update.token])
             pieces[update.row.tag].append(update.text)
-        assert [u.token for u in updates] == updates.tokens.tolist()  # iterating twice gives the same updates
+        assert all(a is b for a, b in zip(first, updates, strict=True))  # iterating again gives the same updates
     assert steps == 34
     for i, row in enumerate(rows):
         assert "".join(pieces[i]) == row.text and len(pieces[i]) == 30 + i

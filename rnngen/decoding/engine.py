@@ -132,13 +132,16 @@ class StepUpdates:
 
     def __getitem__(self, i: int) -> RowUpdate:
         if i not in self._made:
-            row = self.rows[i]
-            text = self._texts.get(i)
-            if text is None:
-                text = self.engine._decode(row.slot, self._counts_now()[i]) if row.engine is self.engine else ""
-            self._made[i] = RowUpdate(row, int(self.tokens[i]), text, bool(self.finished[i]), self._details.get(i),
-                                      self._errors.get(i))
+            self._make(i, self.rows[i], int(self.tokens[i]), bool(self.finished[i]), self._counts_now()[i])
         return self._made[i]
+
+    def _make(self, i: int, row: Row, token: int, finished: bool, count: int) -> RowUpdate:
+        """Row i's update, its text made now (unless the step made it)."""
+        text = self._texts.get(i)
+        if text is None:
+            text = self.engine._decode(row.slot, count) if row.engine is self.engine else ""
+        update = self._made[i] = RowUpdate(row, token, text, finished, self._details.get(i), self._errors.get(i))
+        return update
 
     def __iter__(self):
         if len(self._made) == len(self.slots):
@@ -147,16 +150,11 @@ class StepUpdates:
 
     def _make_all(self):
         """Every update in order, the arrays read once (a server reads them all every step)."""
-        engine, made, texts, details, errors = self.engine, self._made, self._texts, self._details, self._errors
+        made = self._made
         for i, (row, token, finished, count) in enumerate(zip(self.rows, self.tokens.tolist(), self.finished.tolist(),
                                                                self._counts_now())):
             update = made.get(i)
-            if update is None:
-                text = texts.get(i)
-                if text is None:
-                    text = engine._decode(row.slot, count) if row.engine is engine else ""
-                update = made[i] = RowUpdate(row, token, text, finished, details.get(i), errors.get(i))
-            yield update
+            yield update if update is not None else self._make(i, row, token, finished, count)
 
 
 def resume(model: RnnModel, snapshot: RowSnapshot, params: GenerationParams, **kw) -> tuple[Row, np.ndarray, BatchState]:
@@ -176,8 +174,8 @@ DEVICE_SLOTS = 1024  # slots a CUDA engine holds when no capacity is given (the 
 
 
 def default_store(model: RnnModel, capacity: int | None = None) -> SlotStore:
-    """Where the rows' state lives: on CUDA in device slots stepped through CUDA graphs (only tokens
-    cross to the host), elsewhere in host arrays."""
+    """Where the rows' state lives: on CUDA in device slots stepped through CUDA graphs (the state
+    stays on the device; tokens, logits and log-z come back), elsewhere in host arrays."""
     if model.device == "cuda":
         return SlotStepper(model, capacity or DEVICE_SLOTS)
     return HostSlots(model, capacity)
@@ -518,9 +516,7 @@ class DecodeEngine:
         need = np.flatnonzero(~from_graph)
         slots = live[need]
         sub = self._logits_of(slots)
-        peak = sub.max(axis=1, keepdims=True)
-        z = sub - peak  # shifted so the largest logit is 0: exp() is safe
-        log_z[need] = peak[:, 0] + np.log(np.exp(z).sum(axis=1))  # log_sum_exp(sub), from z
+        log_z[need] = log_sum_exp(sub)
         sub_rp = rp if len(need) == len(live) else rp.take(need)
         x, failed = self._processed(slots, sub_rp, sub)
         failed = need[failed].tolist()

@@ -65,10 +65,7 @@ class RowParams:
         self.simple = ((self.top_k == 0) & (self.top_p >= 1.0) & (self.min_p == 0.0) & (self.repetition == 1.0)
                        & (self.presence == 0.0) & (self.frequency == 0.0) & (self.no_repeat_ngram == 0) & ~self.custom)
         self.graph_sampled = np.flatnonzero(self.simple & ~self.greedy).tolist()  # rows that draw for the graph
-        # Per-batch arrays the engine reuses every step (the step graph's sampling inputs among them).
-        self.row_index = np.arange(len(self.temperature))
-        self.uniform = np.zeros((len(self.temperature), 1), dtype=np.float32)
-        self.inv_temperature = (1.0 / self.sampling_temperature).astype(np.float32)  # (B, 1)
+        self.row_index = np.arange(len(self.temperature))  # reused by the engine every step
 
     def take(self, index: np.ndarray) -> "RowParams":
         """The parameters of some rows only."""

@@ -109,7 +109,7 @@ class Row:
 
     @classmethod
     def resume(cls, snapshot: RowSnapshot, params: GenerationParams, tokenizer, **kw) -> "Row":
-        """A row that goes on from a snapshot (its first token comes from `first_step`)."""
+        """A row that goes on from a snapshot (its first token comes from rnngen.decoding.engine.resume)."""
         decoder = tokenizer.stream_decoder()
         decoder.restore(snapshot.decoder_pending)
         stops = StopStringFilter(params.stop)

@@ -14,8 +14,9 @@ device and steps them with the sampling step graph:
   `gpu_graph_id`. Graph ids, buckets and padding rows stay inside this class.
   On the CPU the same code runs without capture (how it is tested).
 - Per step only the tokens (B int64) and each row's uniform draw go in, written
-  into the bound buffers in place, and only the drawn tokens (B int64) come
-  back; logits come back only when asked (`read_logits`).
+  into the bound buffers in place; the drawn tokens come back, and the logits
+  and log-z when read (`read_logits`, `read_log_z`: the engine reads them every
+  step, for the drawn tokens' log-probabilities).
 - Rows join by writing their state into free slots, leave by freeing their
   slots, and move (beam reorder, compaction) by a device-side gather; these run
   through a second, small session (a Scatter and a Gather graph) that writes
@@ -37,7 +38,8 @@ from rnngen.errors import InvalidParameterError, OverloadedError
 from rnngen.model.devices import CUDA_PROVIDER, ort_session_options
 from rnngen.model.loop_graph import IR_VERSION, LOGITS, OPSET, TOKENS, state_output_name
 from rnngen.model.runtime import RnnModel, full_proto, sampled_step_proto
-from rnngen.model.step_graph import LOG_Z, NEXT_TOKEN, SAMPLE_GREEDY, SAMPLE_INV_TEMPERATURE, SAMPLE_UNIFORM
+from rnngen.model.step_graph import (LOG_Z, NEXT_TOKEN, SAMPLE_GREEDY, SAMPLE_INV_TEMPERATURE, SAMPLE_UNIFORM,
+                                     temperature_inputs)
 
 SLOTS = "slots"  # (n,) int64: slot indices of the slot-operation graphs
 ROWS_SUFFIX = "_rows"  # (L, n, H): rows written into slots
@@ -203,9 +205,6 @@ class SlotStepper:
         """Rows the device computes per step (the rows plus padding); 0 before any row joined."""
         return self._bucket.size if self._bucket else 0
 
-    def free_slots(self) -> int:
-        return int(self.capacity - self._used.sum())
-
     def allocate(self, count: int) -> np.ndarray:
         """The `count` lowest free slots (not yet used: `write_rows` fills them)."""
         free = np.flatnonzero(~self._used)[:count]
@@ -267,10 +266,7 @@ class SlotStepper:
     def set_temperature(self, slots, temperature) -> None:
         """Sampling temperature per slot (0 = greedy), kept until changed."""
         slots = self._check_slots(slots)
-        temperature = np.asarray(temperature, dtype=np.float32).reshape(-1)
-        greedy = temperature == 0.0
-        self._greedy[slots] = greedy
-        self._inv_temperature[slots, 0] = np.where(greedy, 1.0, 1.0 / np.where(greedy, 1.0, temperature))
+        self._greedy[slots], self._inv_temperature[slots, 0] = temperature_inputs(temperature)
         self._sampling_dirty = True
 
     def free(self, slots) -> None:
@@ -313,20 +309,14 @@ class SlotStepper:
 
     # -- stepping ------------------------------------------------------------------------------
 
-    def step(self, tokens: np.ndarray, uniforms: np.ndarray | None = None,
-             temperature: np.ndarray | None = None) -> np.ndarray:
+    def step(self, tokens: np.ndarray, uniforms: np.ndarray | None = None) -> np.ndarray:
         """One token for every row: feeds tokens (rows,), draws with uniforms (rows,) in [0, 1)
-        (None: greedy rows only, the last draws stay), returns the drawn tokens (rows,).
-
-        `temperature` (rows,), when given, replaces every row's temperature (as `set_temperature`).
-        """
+        (None: greedy rows only, the last draws stay), returns the drawn tokens (rows,)."""
         rows, bucket = self.rows, self._bucket
         if not rows:
             raise InvalidParameterError("step: no rows; write_rows first")
         if len(tokens) != rows or (uniforms is not None and len(uniforms) != rows):
             raise InvalidParameterError(f"step: tokens and uniforms must have {rows} entries, one per slot up to the last used")
-        if temperature is not None:
-            self.set_temperature(np.arange(rows), temperature)
         bucket.tokens_host[:rows, 0] = np.where(self._used[:rows], tokens, 0)  # padding: any valid id
         bucket.tokens.update_inplace(bucket.tokens_host)
         if uniforms is not None:
@@ -341,9 +331,10 @@ class SlotStepper:
         return bucket.next_token.numpy()[:rows].copy()  # on the CPU numpy() is a view of the buffer
 
     def read_logits(self) -> np.ndarray:
-        """The last step's logits (rows, V), copied to the host only now."""
-        return self._bucket.logits.numpy()[: self.rows, 0].copy()
+        """The last step's logits (rows, V) on the host, valid until the next step (numpy() copies a
+        CUDA buffer to the host and views a CPU one)."""
+        return self._bucket.logits.numpy()[: self.rows, 0]
 
     def read_log_z(self) -> np.ndarray:
         """The last step's log softmax denominators (rows,) (for log-probabilities of drawn tokens)."""
-        return self._bucket.log_z.numpy()[: self.rows].copy()
+        return self._bucket.log_z.numpy()[: self.rows]

@@ -25,7 +25,8 @@ from rnngen.model.fused_graph import agrees_with, derive_fused_model
 from rnngen.model.tokenizers import TokenizerKinds
 from rnngen.model.loop_graph import LOGITS, TOKENS, state_output_name
 from rnngen.model.prefill_graph import PREFILL_CHUNK, derive_last_logits_model
-from rnngen.model.step_graph import LOG_Z, NEXT_TOKEN, SAMPLE_GREEDY, SAMPLE_INV_TEMPERATURE, SAMPLE_UNIFORM, add_sampling_head, derive_step_model
+from rnngen.model.step_graph import (LOG_Z, NEXT_TOKEN, SAMPLE_GREEDY, SAMPLE_INV_TEMPERATURE, SAMPLE_UNIFORM, add_sampling_head,
+                                     derive_step_model, temperature_inputs)
 
 # Cells whose whole-sequence calls (`run`, `prefill`) go through the fused-op graph, per device.
 # Measured (benchmarks/decode.py, prefill of 1,000 tokens): on an H100 the CUDA provider's fused
@@ -162,10 +163,8 @@ class RnnModel:
 def sampling_feeds(batch: int, temperature: np.ndarray | None = None, uniform: np.ndarray | None = None
                    ) -> dict[str, np.ndarray]:
     """Inputs of the step graph's sampling head; without temperatures every row is greedy."""
-    if temperature is None:
-        temperature = np.zeros(batch, dtype=np.float32)
-    greedy = temperature == 0.0
-    inv = np.where(greedy, 1.0, 1.0 / np.where(greedy, 1.0, temperature)).astype(np.float32).reshape(-1, 1)
+    greedy, inv = temperature_inputs(np.zeros(batch, dtype=np.float32) if temperature is None else temperature)
+    inv = inv.reshape(-1, 1)
     if uniform is None:
         uniform = np.zeros(batch, dtype=np.float32)
     return {SAMPLE_INV_TEMPERATURE: inv, SAMPLE_GREEDY: greedy, SAMPLE_UNIFORM: uniform.reshape(-1, 1)}

@@ -18,7 +18,8 @@ import numpy as np
 from rnngen.errors import InvalidParameterError, OverloadedError
 from rnngen.model.loop_graph import LOGITS, TOKENS, state_output_name
 from rnngen.model.runtime import RnnModel
-from rnngen.model.step_graph import LOG_Z, NEXT_TOKEN, SAMPLE_GREEDY, SAMPLE_INV_TEMPERATURE, SAMPLE_UNIFORM
+from rnngen.model.step_graph import (LOG_Z, NEXT_TOKEN, SAMPLE_GREEDY, SAMPLE_INV_TEMPERATURE, SAMPLE_UNIFORM,
+                                     temperature_inputs)
 
 
 class SlotStore(Protocol):
@@ -46,9 +47,9 @@ class SlotStore(Protocol):
     def read_rows(self, slots) -> dict[str, np.ndarray]:
         """The state (L, n, H) of `slots` on the host."""
 
-    def step(self, tokens: np.ndarray, uniforms: np.ndarray | None = None,
-             temperature: np.ndarray | None = None) -> np.ndarray:
-        """Feed tokens (rows,), draw with uniforms (rows,): the graph-sampled next tokens (rows,)."""
+    def step(self, tokens: np.ndarray, uniforms: np.ndarray | None = None) -> np.ndarray:
+        """Feed tokens (rows,), draw with uniforms (rows,): the graph-sampled next tokens (rows,).
+        Padding slots get valid token ids from the caller (the engine feeds 0 there)."""
 
     def read_logits(self) -> np.ndarray:
         """The last step's logits (rows, V) (by the slots of that step: read them right after it)."""
@@ -131,9 +132,6 @@ class HostSlots:
     @property
     def rows(self) -> int:
         return self._rows
-
-    def free_slots(self) -> int:
-        return int((~self._used).sum()) + ((self.max_capacity or 1 << 62) - self.capacity)
 
     def _grow(self, capacity: int) -> None:
         extra = capacity - self.capacity
@@ -221,20 +219,13 @@ class HostSlots:
         slots = self._check_slots(slots)
         return {k: v[:, slots] for k, v in self._state().items()}
 
-    def step(self, tokens: np.ndarray, uniforms: np.ndarray | None = None,
-             temperature: np.ndarray | None = None) -> np.ndarray:
+    def step(self, tokens: np.ndarray, uniforms: np.ndarray | None = None) -> np.ndarray:
         """One token for every stepped row; the drawn tokens (rows,) are a view, valid until the next step."""
         bound = self._bound
         if bound is None:
             raise InvalidParameterError("step: no rows; write_rows first")
-        if temperature is not None:
-            self._temperature[: self._rows] = temperature
-            self._sampling_dirty = True
         if self._sampling_dirty:
-            temperature = self._temperature[: bound.rows]  # padding slots: 0, greedy
-            greedy = temperature == 0.0
-            bound.greedy[:] = greedy
-            bound.inv_temperature[:, 0] = np.where(greedy, 1.0, 1.0 / np.where(greedy, 1.0, temperature))
+            bound.greedy[:], bound.inv_temperature[:, 0] = temperature_inputs(self._temperature[: bound.rows])  # padding: greedy
             self._sampling_dirty = False
         rows = self._rows
         bound.tokens[:rows, 0] = tokens

@@ -92,6 +92,16 @@ def _live_nodes(nodes: list[onnx.NodeProto], outputs: list[str]) -> list[onnx.No
 SAMPLE_INV_TEMPERATURE = "inv_temperature"  # (B, 1) float32: 1 / temperature (1 for greedy rows)
 SAMPLE_GREEDY = "greedy"  # (B,) bool: rows that take the argmax
 SAMPLE_UNIFORM = "uniform"  # (B, 1) float32 in [0, 1): the row's random draw for its next token
+
+
+def temperature_inputs(temperature: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The sampling head's (B,) greedy flags and (B,) inverse temperatures (1 for greedy rows) for
+    temperatures (B,), 0 meaning greedy."""
+    temperature = np.asarray(temperature, dtype=np.float32).reshape(-1)
+    greedy = temperature == 0.0
+    return greedy, np.where(greedy, 1.0, 1.0 / np.where(greedy, 1.0, temperature)).astype(np.float32)
+
+
 NEXT_TOKEN = "next_token"  # (B,) int64
 LOG_Z = "log_z"  # (B,) float32: log of the softmax denominator of the logits (for log-probabilities)
 
