@@ -45,15 +45,10 @@ class Stream:
     row: Row
     prompt_tokens: int
     want_tokens: bool = False  # collect token ids (return_token_ids)
-    want_details: bool = False  # collect per-token details (introspect)
     cancelled: threading.Event = field(default_factory=threading.Event)
     enqueued_at: float = field(default_factory=time.perf_counter)
     pending: Pending = field(default_factory=Pending)  # guarded by the outbox's lock
     wake: asyncio.Event | None = None  # set by a flush; the handler waits on it
-
-    def cancel(self) -> None:
-        """Ask for the row to leave; the scheduler frees it at its next step boundary."""
-        self.cancelled.set()
 
 
 class Outbox:
@@ -82,7 +77,7 @@ class Outbox:
                     p.texts.append(update.text)
                 if stream.want_tokens:
                     p.tokens.append(update.token)
-                if update.details is not None and stream.want_details:
+                if update.details is not None:  # only rows that asked for details (introspect) have them
                     p.details.append(update.details)
                 if update.error is not None:
                     p.error = update.error

@@ -29,7 +29,7 @@ class ServerMetrics:
                                          ["model"], registry=r)
         self.prefix_cache_bytes = Gauge("rnngen_prefix_cache_bytes", "Bytes of states and logits in the prefix cache",
                                         ["model"], registry=r)
-        self.wait = Histogram("rnngen_queue_wait_seconds", "From prefill done to joining the batch", buckets=LATENCY_BUCKETS, registry=r)
+        self.wait = Histogram("rnngen_queue_wait_seconds", "From the request accepted (before its prefill) to joining the batch", buckets=LATENCY_BUCKETS, registry=r)
 
     def serve_http(self, port: int, host: str = "127.0.0.1"):
         """Expose /metrics; returns (server, thread) from prometheus_client."""

@@ -38,7 +38,7 @@ from rnngen.serving.metrics import ServerMetrics
 from rnngen.serving.prefill import DEFAULT_CACHE_MB, DEFAULT_CHUNK, Prefiller, PrefixCache
 from rnngen.serving.scheduler import Scheduler
 from rnngen.serving.service import SERVICE_NAME, BearerAuth, GeneratorService, RefuseUndecodable, ServedModel
-from rnngen.serving.sessions import SessionCodec
+from rnngen.serving.sessions import DEFAULT_TTL_S, SessionCodec
 from rnngen.v1 import rnngen_pb2_grpc as pb_grpc
 
 
@@ -52,7 +52,7 @@ class ServerConfig:
     max_queued: int = 512  # accepted streams waiting for a row, per model
     device: str = "auto"
     session_secret: bytes | None = None  # None: a random secret (sessions valid on this process only)
-    session_ttl_s: float = 24 * 3600
+    session_ttl_s: float = DEFAULT_TTL_S
     auth_token: str | None = None
     tls_cert: Path | None = None
     tls_key: Path | None = None

@@ -117,7 +117,7 @@ class GeneratorService(pb_grpc.GeneratorServicer):
                 served.scheduler.release()
                 raise
             stream.row.logit_processors, stream.row.units = processors, units
-            stream.want_tokens, stream.want_details = request.return_token_ids, params.introspect
+            stream.want_tokens = request.return_token_ids
             stream.wake = asyncio.Event()
             self.outbox.open_streams += 1
             served.scheduler.enqueue(job)
@@ -198,12 +198,13 @@ class GeneratorService(pb_grpc.GeneratorServicer):
     def _message(self, served: ServedModel, stream: Stream, request, pending: Pending) -> pb.GenerateResponse | None:
         """One message for everything decoded since the last."""
         text = "".join(pending.texts)
-        if not (text or pending.ended or request.return_token_ids or request.params.introspect):
+        introspect = stream.row.params.introspect
+        if not (text or pending.ended or stream.want_tokens or introspect):
             return None  # a byte model's unfinished character: nothing to show yet
         message = pb.GenerateResponse(text=text)
-        if request.return_token_ids:
+        if stream.want_tokens:
             message.token_ids.extend(pending.tokens)
-        if request.params.introspect:
+        if introspect:
             message.details.extend(details_to_pb(d) for d in pending.details)
         if pending.ended:
             row = stream.row

@@ -20,9 +20,10 @@ from typing import Callable, TypeVar
 import torch
 import torch.distributed as dist
 
+from rnngen.checks import check_choice
 from rnngen.errors import DeviceError, InvalidParameterError, RnngenError
+from rnngen.model.devices import DEVICES
 
-DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("fp32", "bf16")
 # Environment hook (tests, debugging): each rank writes the SHA-256 of its parameters to DIR/rank<R>.sha256
 # when training ends, so that runs and ranks can be compared bit for bit from outside.
@@ -42,8 +43,7 @@ def cuda_unusable_reason() -> str | None:
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     """--device auto|cpu|cuda → a torch device; `cuda` fails with the reason where it cannot be used."""
-    if name not in DEVICES:
-        raise InvalidParameterError(f"--device: {name!r} is not one of {', '.join(DEVICES)}")
+    check_choice("device", name, DEVICES)
     if name == "cpu":
         return torch.device("cpu")
     reason = cuda_unusable_reason()

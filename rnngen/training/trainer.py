@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from rnngen.checks import check_int, check_number
+from rnngen.checks import check_choice, check_int, check_number
 from rnngen.corpus import read_corpus, split_text_at_line, split_train_val
 from rnngen.errors import CheckpointError, DataError, InvalidParameterError, OverwriteRefusedError, TrainingDivergedError
 from rnngen.model.config import ModelConfig
@@ -72,9 +72,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.tokenizer, str) or not self.tokenizer:
             raise InvalidParameterError.about("{tokenizer}: {value!r} is not a tokenizer kind", value=self.tokenizer)
-        if self.precision not in PRECISIONS:
-            raise InvalidParameterError.about(f"{{precision}}: {{value!r}} is not one of {', '.join(PRECISIONS)}",
-                                              value=self.precision)
+        check_choice("precision", self.precision, PRECISIONS)
         ints = [("max_vocab", 3, 10_000_000), ("seq_len", 1, 100_000), ("batch_size", 1, 1_000_000),
                 ("warmup_steps", 0, 10**9), ("steps", 1, 10**9), ("sample_tokens", 0, 100_000),
                 ("seed", 0, 2**63 - 1), ("threads", 0, 4096)]
