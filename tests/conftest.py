@@ -83,9 +83,10 @@ def invoke(*args, **kwargs):
     return CliRunner().invoke(create_app(), [str(a) for a in args], **kwargs)
 
 
-def one_line_error(result, needle):
-    """A refusal as the CLI gives it: exit 1, one `error:` line naming the problem, no traceback."""
-    assert result.exit_code == 1, result.output
-    assert needle in result.stderr, result.stderr
+def one_line_error(result, needle, code=1):
+    """A refusal as the CLI gives it: exit `code`, one `error:` line naming the problem, no traceback."""
+    assert result.exit_code == code, (result.exit_code, result.output)
     assert "Traceback" not in result.output + result.stderr
-    assert result.stderr.strip().startswith("error:")
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
+    assert needle in lines[0], lines[0]

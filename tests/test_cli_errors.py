@@ -12,19 +12,11 @@ from rnngen.cli.console import cli_names, long_options
 from rnngen.decoding.params import GenerationParams
 from rnngen.errors import InvalidParameterError
 
-from conftest import invoke  # noqa: E402
+from conftest import invoke, one_line_error  # noqa: E402
 
 app = create_app()
 group = typer.main.get_command(app)
 
-
-
-def one_line_error(result, needle, code=1):
-    assert result.exit_code == code, (result.exit_code, result.output)
-    assert "Traceback" not in result.output + result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
-    assert needle in lines[0], lines[0]
 
 
 # Options typed as text that take a path among other things (a model's name, a model source).

@@ -164,9 +164,9 @@ def test_a_row_decodes_the_same_alone_or_among_32_others(rnn):
 
 
 def test_rows_joining_at_other_steps_end_at_their_own_limits_with_all_their_unread_text(rnn):
-    """Temperature-only rows (the step's cheapest path: length and unread-text checks counted down,
-    not run per row): each ends after exactly its max_new_tokens, and text nobody read for longer
-    than the token ring holds is still all there, as each row decodes it alone."""
+    """Temperature-only rows (the step's cheapest path, where the length and unread-text checks are
+    counted down): each ends after exactly its max_new_tokens, and text nobody read for longer than
+    the token ring holds is still all there, as each row decodes it alone."""
     from rnngen.decoding.rows import HISTORY_WINDOW
 
     tok = rnn.tokenizer

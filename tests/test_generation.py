@@ -92,6 +92,8 @@ def test_prompt_is_one_prefill_then_one_step_per_token(rnn):
     real_prefill, real_step = rnn.prefill, rnn.step_bound
     rnn.prefill = lambda ids: calls.append(("prefill", len(ids))) or real_prefill(ids)
     rnn.step_bound = lambda binding, *a: calls.append("step") or real_step(binding, *a)
+    for other in ("run", "step", "step_sample"):  # any other model call would be noted too
+        setattr(rnn, other, lambda *a, name=other: calls.append(name))
     generate(rnn, "to be or not", GenerationParams(max_new_tokens=10, seed=1))
     assert calls == [("prefill", 12)] + ["step"] * 9  # no model call after the last token
 

@@ -10,7 +10,7 @@ import pytest
 
 from rnngen.decoding.engine import DecodeEngine, resume
 from rnngen.decoding.params import GenerationParams
-from rnngen.decoding.rows import Row, row_generator
+from rnngen.decoding.rows import HISTORY_WINDOW, Row, row_generator
 from rnngen.errors import SessionTokenError
 from rnngen.model.runtime import RnnModel
 from rnngen.model.config import ModelConfig
@@ -125,7 +125,7 @@ def test_snapshot_holds_the_whole_history_bounded_by_the_vocabulary(models):
     assert tok.encode("q")[0] in snapshot.seen
     assert len(snapshot.seen) <= tok.vocab_size and len(snapshot.counts) <= tok.vocab_size
     assert snapshot.counts == {t: tokens.count(t) for t in set(tokens)}
-    assert snapshot.window == (prompt_ids + tokens)[-len(snapshot.window):] and len(snapshot.window) == 1024
+    assert snapshot.window == (prompt_ids + tokens)[-len(snapshot.window):] and len(snapshot.window) == HISTORY_WINDOW
 
 
 def test_an_older_token_format_is_refused_with_a_clear_error():
