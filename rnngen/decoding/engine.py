@@ -510,14 +510,17 @@ class DecodeEngine:
             return tokens, self._logits[live, tokens] - a["log_z"][live], []
         tokens = a["next"][live]
         log_z = a["log_z"][live]
-        from_graph = rp.simple & (tokens >= 0)
-        if from_graph.all():
-            return tokens, self._logit_at(live, tokens) - log_z, []
-        need = np.flatnonzero(~from_graph)
+        if self._all_sampled:  # the rows that choose on the host are the non-simple ones: known since _rebuild
+            need, sub_rp = self._host_rows, self._host_rp
+        else:
+            from_graph = rp.simple & (tokens >= 0)
+            if from_graph.all():
+                return tokens, self._logit_at(live, tokens) - log_z, []
+            need = np.flatnonzero(~from_graph)
+            sub_rp = rp if len(need) == len(live) else rp.take(need)
         slots = live[need]
         sub = self._logits_of(slots)
         log_z[need] = log_sum_exp(sub)
-        sub_rp = rp if len(need) == len(live) else rp.take(need)
         x, failed = self._processed(slots, sub_rp, sub)
         failed = need[failed].tolist()
         if sub_rp.all_greedy:
@@ -643,6 +646,8 @@ class DecodeEngine:
         self._contiguous = n == self.store.rows  # the used slots are 0 .. n-1: slices, not index arrays
         self._slot_range = slice(0, n)
         self._all_simple = bool(rp.simple.all())
+        self._host_rows = np.flatnonzero(~rp.simple)  # rows whose tokens are chosen on the host (graph ones aside)
+        self._host_rp = rp if len(self._host_rows) == n else rp.take(self._host_rows)
         self._all_draw = self._contiguous and len(self._draw_slots) == n
         self._live_rows = self._row_at[live]
         self._all_ok = np.ones(n, dtype=bool)
