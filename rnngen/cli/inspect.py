@@ -28,6 +28,7 @@ def inspect(
     """Record every unit over a text, find the units that track features of it, and write a report."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+    from rnngen.checks import check_int
     from rnngen.errors import InvalidParameterError
     from rnngen.inspect.features import parse_feature_option
     from rnngen.plugins import inspect_features
@@ -36,9 +37,8 @@ def inspect(
     from rnngen.inspect.report import render_report, report_units
     from rnngen.cli.loading import load_model
 
-    for name, value, low in (("--top", top, 1), ("--max-chars", max_chars, 1), ("--show-chars", show_chars, 1)):
-        if value < low:
-            raise InvalidParameterError(f"{name}: {value} must be at least {low}")
+    for name, value in (("top", top), ("max_chars", max_chars), ("show_chars", show_chars)):
+        check_int(name, value, 1, 10**9)
     if not text_file.is_file():
         raise InvalidParameterError(f"{text_file}: no such file")
     try:

@@ -27,6 +27,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from rnngen.checks import check_int, check_number
 from rnngen.decoding.params import DEFAULT_MAX_PROMPT_TOKENS
 from rnngen.decoding.processors import ProcessorFactories
 from rnngen.errors import InvalidParameterError, RnngenError
@@ -70,15 +71,12 @@ class ServerConfig:
     processors: ProcessorFactories | None = None  # processor names requests may use
 
     def __post_init__(self) -> None:
-        for name, value, lo in (("max_active", self.max_active, 1), ("max_queued", self.max_queued, 0),
-                                ("port", self.port, 0), ("max_prompt_tokens", self.max_prompt_tokens, 1),
-                                ("prefill_chunk", self.prefill_chunk, 1)):
-            if not isinstance(value, int) or value < lo:
-                raise InvalidParameterError(f"{name}: {value!r} must be an integer >= {lo}")
-        if not self.message_rate > 0:
-            raise InvalidParameterError(f"--message-rate: {self.message_rate!r} must be > 0")
-        if not self.prefix_cache_mb >= 0:
-            raise InvalidParameterError(f"--prefix-cache-mb: {self.prefix_cache_mb!r} must be >= 0 (0 turns the cache off)")
+        # Worded as every other range check (rnngen.checks), so the CLI names its own options.
+        for name, lo, hi in (("max_active", 1, 10**7), ("max_queued", 0, 10**9), ("port", 0, 65535),
+                             ("max_prompt_tokens", 1, 10**12), ("prefill_chunk", 1, 10**9)):
+            check_int(name, getattr(self, name), lo, hi)
+        check_number("message_rate", self.message_rate, 0, 1e9, lo_open=True)
+        check_number("prefix_cache_mb", self.prefix_cache_mb, 0, 1e9)  # 0 turns the cache off
         if (self.tls_cert is None) != (self.tls_key is None):
             raise InvalidParameterError("TLS needs both --tls-cert and --tls-key")
         if not self.models:
