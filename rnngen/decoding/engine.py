@@ -271,14 +271,15 @@ class DecodeEngine:
                 self._detach(row)
         self._gather(order, new_rows)
 
-    def remove(self, row: Row, reason: str = FINISH_CANCELLED) -> None:
-        """A row leaves now (a cancelled stream); the others go on untouched."""
-        if row.engine is not self:
+    def remove(self, *rows: Row, reason: str = FINISH_CANCELLED) -> None:
+        """Rows leave now (cancelled streams), together; the others go on untouched."""
+        if any(row.engine is not self for row in rows):
             raise ValueError("the row is not in this engine")
-        row.finish_reason = row.finish_reason or reason
-        slot = row.slot
-        self.sync(row, decode=True)
-        self._leave(np.array([slot]))
+        slots = np.array([row.slot for row in rows], dtype=np.int64)
+        for row in rows:
+            row.finish_reason = row.finish_reason or reason
+            self.sync(row, decode=True)
+        self._leave(slots)
 
     def sync(self, row: Row, decode: bool = False) -> None:
         """Write the row's record back from the slot arrays (and, with `decode`, make its pending text)."""

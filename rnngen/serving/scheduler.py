@@ -26,7 +26,7 @@ from collections import deque
 
 import numpy as np
 
-from rnngen.decoding.engine import FINISH_CANCELLED, BatchState, DecodeEngine
+from rnngen.decoding.engine import BatchState, DecodeEngine
 from rnngen.errors import OverloadedError, ShuttingDownError
 from rnngen.model.runtime import RnnModel
 from rnngen.serving.delivery import Outbox, Stream
@@ -189,12 +189,9 @@ class Scheduler:
             self._unreserve(len(dropped))
             self._prefilling = [job for job in self._prefilling if job.tag not in gone]
         for engine in self._engines:
-            keep = [i for i, row in enumerate(engine.rows) if row.tag not in gone]
-            if len(keep) < len(engine.rows):
-                for row in engine.rows:
-                    if row.tag in gone:
-                        row.finish_reason = row.finish_reason or FINISH_CANCELLED
-                engine.select(keep)
+            leaving = [row for row in engine.rows if row.tag in gone]
+            if leaving:
+                engine.remove(*leaving)
 
     def _leave(self, mode: str) -> None:
         for engine in self._engines:
