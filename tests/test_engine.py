@@ -6,7 +6,7 @@ import pytest
 from rnngen.decoding.engine import BatchState, DecodeEngine
 from rnngen.decoding.rows import Row, row_generator
 from rnngen.decoding.generation import generate
-from rnngen.decoding.logits import RowParams, apply_penalties, banned_by_ngrams, draw, filtered_probs
+from rnngen.decoding.logits import RowParams, apply_penalties, banned_by_ngrams, draw, filtered_weights
 from rnngen.model.runtime import RnnModel
 from rnngen.model.slots import HostSlots
 from rnngen.decoding.params import GenerationParams
@@ -14,6 +14,12 @@ from rnngen.decoding.params import GenerationParams
 
 def rp(**kw):
     return RowParams.from_params([GenerationParams(**kw)])
+
+
+def filtered_probs(logits, params):
+    """The filters' probabilities: each row's weights over their sum."""
+    weights = filtered_weights(logits, params)
+    return weights / weights.sum(axis=1, keepdims=True)
 
 
 def probs(logits, **kw):
@@ -52,10 +58,15 @@ def test_filters_apply_in_order_k_then_p():
 def test_repetition_presence_frequency_penalties_by_hand():
     logits = np.array([[2.0, -1.0, 0.5, 1.0]])
     seen = np.array([[True, True, False, False]])
-    got = apply_penalties(logits, rp(repetition_penalty=2.0), seen, None)
+    got = apply_penalties(logits.copy(), rp(repetition_penalty=2.0), seen, None)  # in place: a copy each
     np.testing.assert_allclose(got, [[1.0, -2.0, 0.5, 1.0]])  # positive halved, negative doubled, unseen untouched
+    edge = np.array([[0.0, -np.inf, 3.0, -0.5]])  # zero stays zero, -inf stays -inf
+    got = apply_penalties(edge.copy(), rp(repetition_penalty=1.5), np.array([[True, True, True, False]]), None)
+    np.testing.assert_allclose(got, [[0.0, -np.inf, 2.0, -0.5]])
+    got = apply_penalties(edge.copy(), rp(repetition_penalty=0.5), np.array([[True, True, True, True]]), None)
+    np.testing.assert_allclose(got, [[0.0, -np.inf, 6.0, -0.25]])  # a penalty below 1 favours seen tokens
     counts = np.array([[0, 3, 1, 0]])
-    got = apply_penalties(logits, rp(presence_penalty=0.5, frequency_penalty=0.25), None, counts)
+    got = apply_penalties(logits.copy(), rp(presence_penalty=0.5, frequency_penalty=0.25), None, counts)
     np.testing.assert_allclose(got, [[2.0, -1.0 - 0.5 - 0.75, 0.5 - 0.5 - 0.25, 1.0]])
 
 
@@ -113,6 +124,25 @@ def test_filters_agree_with_a_plain_per_row_reference_in_mixed_batches():
 def test_draw_is_inverse_cdf():
     p = np.array([[0.2, 0.0, 0.5, 0.3]] * 4)
     assert draw(p, np.array([0.0, 0.19, 0.2, 0.999])).tolist() == [0, 0, 2, 3]
+    # Weights need not sum to 1, and the largest uniform below 1 still lands on a token with weight.
+    w = np.array([[0.0, 3.0, 1.0, 0.0, 0.0], [2.0, 0.0, 0.0, 0.0, 0.0]])
+    assert draw(w, np.array([np.nextafter(1.0, 0.0)] * 2)).tolist() == [2, 0]
+    assert draw(w, np.array([0.74, 0.5])).tolist() == [1, 0]
+
+
+def test_top_p_sees_top_k_ties_past_the_widest_k():
+    """Row 1 (k = 2) has ties with its 2nd largest past rank 3 = max(k): top-k keeps them, and top-p
+    must count their mass (the ranks past max(k) are looked at only when a tie runs past them)."""
+    x = np.array([[4.0, 3.0, 2.0, 1.0, 0.0], [2.0, 1.0, 1.0, 1.0, 0.0]])
+    params = RowParams.from_params([GenerationParams(temperature=1.0, top_k=3, top_p=0.99),
+                                    GenerationParams(temperature=1.0, top_k=2, top_p=0.5)])
+    got = filtered_probs(x, params)
+    e = np.exp([4.0, 3.0, 2.0])
+    np.testing.assert_allclose(got[0], [*(e / e.sum()), 0, 0])
+    # After top-k the largest has e/(e+3) = 0.48 < 0.5, so top-p keeps the tied ones too (with the
+    # first three ranks alone it would be e/(e+2) = 0.58 and keep only the largest).
+    e = np.exp([2.0, 1.0, 1.0, 1.0])
+    np.testing.assert_allclose(got[1], [*(e / e.sum()), 0])
 
 
 def test_per_row_parameters_in_one_batch():

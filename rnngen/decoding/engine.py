@@ -26,7 +26,7 @@ import numpy as np
 
 from rnngen.errors import InvalidParameterError, RnngenError
 from rnngen.decoding.details import token_details
-from rnngen.decoding.logits import RowParams, apply_penalties, banned_by_ngrams, draw, filtered_probs, log_softmax, log_sum_exp
+from rnngen.decoding.logits import RowParams, apply_penalties, banned_by_ngrams, draw, filtered_weights, log_softmax, log_sum_exp
 from rnngen.decoding.params import GenerationParams
 from rnngen.decoding.processors import build_processors
 from rnngen.decoding.random_streams import SlotGenerators
@@ -510,33 +510,29 @@ class DecodeEngine:
             tokens = a["next"][live]
             return tokens, self._logits[live, tokens] - a["log_z"][live], []
         tokens = a["next"][live]
-        log_z = a["log_z"][live]
         if self._all_sampled:  # the rows that choose on the host are the non-simple ones: known since _rebuild
             need, sub_rp = self._host_rows, self._host_rp
         else:
             from_graph = rp.simple & (tokens >= 0)
             if from_graph.all():
-                return tokens, self._logit_at(live, tokens) - log_z, []
+                return tokens, self._logit_at(live, tokens) - a["log_z"][live], []
             need = np.flatnonzero(~from_graph)
             sub_rp = rp if len(need) == len(live) else rp.take(need)
         slots = live[need]
-        sub = self._logits_of(slots)
-        log_z[need] = log_sum_exp(sub)
-        x, failed = self._processed(slots, sub_rp, sub)
+        x, failed = self._processed(slots, sub_rp, self._logits_of(slots))
         failed = need[failed].tolist()
         if sub_rp.all_greedy:
             chosen = x.argmax(axis=1)
         else:
-            probs = filtered_probs(x, sub_rp)
             drawing = np.flatnonzero(~sub_rp.greedy)
             uniforms = np.zeros(len(need))
             uniforms[drawing] = self._rng.random(slots[drawing])
-            chosen = draw(probs, uniforms)
+            chosen = draw(filtered_weights(x, sub_rp), uniforms)
             if sub_rp.any_greedy:
                 chosen = np.where(sub_rp.greedy, x.argmax(axis=1), chosen)
         tokens = tokens.copy()
         tokens[need] = chosen
-        return tokens, self._logit_at(live, tokens) - log_z, failed
+        return tokens, self._logit_at(live, tokens) - self._log_z(live), failed
 
     # -- slot bookkeeping -------------------------------------------------------------------
 

@@ -86,13 +86,25 @@ class RowParams:
 
 
 def apply_penalties(logits: np.ndarray, rp: RowParams, seen: np.ndarray | None, counts: np.ndarray | None) -> np.ndarray:
-    """Steps 1-2 on float64 logits (B, V); `seen` (B, V) bool: in prompt or output; `counts` (B, V): output counts."""
+    """Steps 1-2, in place on float64 logits (B, V), which it returns; `seen` (B, V) bool: in prompt
+    or output; `counts` (B, V): output counts.
+
+    Masks enter as numbers (a mask times a factor), not through np.where, which is several times
+    slower on masks that mix True and False unpredictably, as these do.
+    """
     if seen is not None and rp.uses_repetition:
         pen = rp.repetition[:, None]
-        penalised = np.where(logits > 0, logits / pen, logits * pen)
-        logits = np.where(seen, penalised, logits)
+        # A seen token's factor is 1/pen for a positive logit, pen otherwise (a logit of 0 stays 0
+        # either way); an unseen token's is 1. As (1/pen + pen)/2 + sign * (1/pen - pen)/2, seen only.
+        factor = np.sign(logits)
+        factor *= (1.0 / pen - pen) / 2
+        factor += (1.0 / pen + pen) / 2 - 1.0
+        factor *= seen
+        factor += 1.0
+        logits *= factor
     if counts is not None and rp.uses_counts:
-        logits = logits - rp.presence[:, None] * (counts > 0) - rp.frequency[:, None] * counts
+        logits -= rp.presence[:, None] * (counts > 0)
+        logits -= rp.frequency[:, None] * counts
     return logits
 
 
@@ -108,50 +120,65 @@ def banned_by_ngrams(history: list[int], n: int) -> list[int]:
     return banned
 
 
-def filtered_probs(logits: np.ndarray, rp: RowParams) -> np.ndarray:
-    """Steps 4-7 for sampling rows: probabilities (B, V), each row summing to 1 (float32 or float64).
+def filtered_weights(logits: np.ndarray, rp: RowParams) -> np.ndarray:
+    """Steps 4-7 for sampling rows: each row's probabilities up to a factor (B, V), float64: exp(x - max x)
+    with x = logits / temperature where the filters keep the token, 0 where they remove it. `draw`
+    takes them as they are; divide a row by its sum for probabilities.
 
     Greedy rows (temperature 0) are computed at temperature 1; the caller takes their argmax instead.
+    Each filter is a floor on x per row (a token is kept when x >= floor): top-k's is the k-th largest
+    x (its ties stay), top-p's the smallest x of the shortest ranked prefix whose probability, after
+    top-k, reaches p. Both come from one descending sort, top-p's from the first max(k) ranks when
+    every row is under top-k. Then one mask over the whole batch applies both.
     """
-    x = logits / rp.sampling_temperature
-    rows = np.arange(len(x))
-    # One descending sort serves top-k (each row's k-th largest logit) and top-p (probabilities in
-    # rank order: exp and division are elementwise, so sorting logits first gives the same numbers).
-    ranked_x = np.sort(x, axis=1)[:, ::-1] if rp.uses_top_k or rp.uses_top_p else None
-    peak = x.max(axis=1, keepdims=True)  # top-k never removes the largest logit
-    probs = np.exp(x - peak)  # before top-k's cut, which would put -inf in: numpy's exp is 5-9x slower on -inf
-    kth = None
+    x = logits / rp.sampling_temperature  # a new array: the weights are made in it, in place
+    keep = None
+    if not (rp.uses_top_k or rp.uses_top_p):
+        peak = x.max(axis=1, keepdims=True)
+    else:
+        ascending = np.sort(x, axis=1)
+        peak = ascending[:, -1:].copy()
+        keep = x >= _rank_floor(ascending, peak, rp)
+    x -= peak
+    weights = np.exp(x, out=x)  # before the cut, which would put -inf in: numpy's exp is slow on -inf
+    if keep is not None:
+        weights *= keep
+    if rp.uses_min_p:  # p >= min_p * max p; the largest weight is exp(0) = 1
+        weights *= weights >= rp.min_p[:, None]
+    return weights
+
+
+def _rank_floor(ascending: np.ndarray, peak: np.ndarray, rp: RowParams) -> np.ndarray:
+    """The lowest kept x per row (B, 1) under top-k and top-p, from each row's x sorted ascending."""
+    rows, vocab = rp.row_index, ascending.shape[1]
+    floor = np.full((len(ascending), 1), NEG_INF)
+    width = vocab  # the highest ranks that decide top-p
     if rp.uses_top_k:
-        k, vocab = rp.top_k, x.shape[1]
+        k = rp.top_k
         active = (k > 0) & (k < vocab)
-        if np.any(active):
-            kth = np.where(active, ranked_x[rows, np.clip(k - 1, 0, vocab - 1)], NEG_INF)[:, None]
-            probs = np.where(x >= kth, probs, 0.0)
-    total = probs.sum(axis=1, keepdims=True)
-    probs /= total
+        floor[active, 0] = ascending[rows[active], vocab - k[active]]  # the k-th largest
+        # The ranks that top-k keeps (each row's k and any ties with its k-th) are the highest max(k)
+        # when every row is under top-k and no row's tie runs past them.
+        widest = int(k.max())
+        if active.all() and (ascending[:, vocab - 1 - widest] < floor[:, 0]).all():
+            width = widest
     if rp.uses_top_p:
-        # Every row under top-k keeps at most its k largest (and their ties, which share the k-th
-        # value): the first max(k) ranks decide the cut. Ranks past a row's own k hold tokens top-k
-        # removed; the floor found there is below every kept token, so it keeps them all, as it should.
-        width = int(rp.top_k.max()) if kth is not None and np.all(active) else ranked_x.shape[1]
-        ranked = np.exp(ranked_x[:, :width] - peak)
-        ranked /= total
+        head = ascending[:, ::-1][:, :width].copy()  # descending, contiguous (a reversed view is slow to work on)
+        ranked = head - peak
+        np.exp(ranked, out=ranked)
+        ranked *= head >= floor
+        ranked /= ranked.sum(axis=1, keepdims=True)  # probabilities after top-k, in rank order
         before = np.cumsum(ranked, axis=1)
-        before -= ranked  # mass of the tokens ranked above each token
-        count = (before < rp.top_p[:, None]).sum(axis=1)  # the smallest prefix whose mass reaches top_p
-        floor = ranked[rows, count - 1]
-        probs = np.where(probs >= floor[:, None], probs, 0.0)
-        probs /= probs.sum(axis=1, keepdims=True)
-    if rp.uses_min_p:
-        floor = rp.min_p[:, None] * probs.max(axis=1, keepdims=True)
-        probs = np.where(probs >= floor, probs, 0.0)
-        probs /= probs.sum(axis=1, keepdims=True)
-    return probs
+        before -= ranked  # the mass of the tokens ranked above each token
+        count = (before < rp.top_p[:, None]).sum(axis=1)  # the shortest prefix whose mass reaches top_p
+        cut = rp.top_p < 1.0
+        floor[cut, 0] = np.maximum(floor[cut, 0], head[rows[cut], count[cut] - 1])
+    return floor
 
 
-def draw(probs: np.ndarray, uniforms: np.ndarray) -> np.ndarray:
-    """Inverse-CDF sampling: one token per row from probs (B, V) with uniforms (B,) in [0, 1)."""
-    cdf = np.cumsum(probs, axis=1)
-    targets = uniforms * cdf[:, -1]
-    tokens = (cdf <= targets[:, None]).sum(axis=1)  # first index whose cdf exceeds the target
-    return np.minimum(tokens, probs.shape[1] - 1)
+def draw(weights: np.ndarray, uniforms: np.ndarray) -> np.ndarray:
+    """Inverse-CDF sampling: one token per row from weights (B, V) >= 0 (probabilities up to a factor
+    per row) with uniforms (B,) in [0, 1): the first token whose cumulative weight exceeds uniform * total."""
+    cdf = np.cumsum(weights, axis=1)
+    target = uniforms[:, None] * cdf[:, -1:]  # below the total (u < 1), so the last token with weight exceeds it
+    return (cdf > target).argmax(axis=1)
