@@ -461,6 +461,43 @@ def test_slot_generators_draw_what_each_rows_own_generator_draws():
         assert g.random() == twins[slot].random()
 
 
+def test_draws_never_round_up_to_one_in_the_graph(rnn):
+    """A double just below 1 would be 1.0 as the graph's float32 and land past every token's
+    cumulative probability (on the vocabulary's last token); draws are lowered to BELOW_ONE."""
+    from rnngen.decoding.random_streams import BELOW_ONE, SlotGenerators, uniform_draws
+    from rnngen.model.runtime import sampling_feeds
+
+    class Highest:  # a generator whose every number is the largest double below 1
+        def random(self, size=None):
+            top = np.nextafter(1.0, 0.0)
+            return top if size is None else np.full(size, top)
+
+    assert np.float32(1.0 - 1e-9) == 1.0 and np.float32(BELOW_ONE) < 1.0
+    assert uniform_draws(Highest()) == BELOW_ONE
+    streams = SlotGenerators(3)
+    for slot in range(3):
+        streams.load(slot, np.random.default_rng(slot))
+    streams._generators[1] = Highest()
+    assert (streams.random_range(3).astype(np.float32) < 1.0).all()
+    assert streams.random(np.array([1]))[0] == BELOW_ONE
+    # In the graph, at a temperature so low that most tokens' probabilities are 0 in float32:
+    # the highest draw picks a token that has probability; 1.0 would pick the vocabulary's last.
+    batch, vocab, temperature = 8, rnn.config.vocab_size, 0.002
+    gen = np.random.default_rng(3)
+    state = {k: gen.normal(0, 0.5, v.shape).astype(np.float32) for k, v in rnn.initial_state(batch).items()}
+    tokens = gen.integers(0, vocab, batch)
+
+    def sampled(uniform):
+        feeds = sampling_feeds(batch, np.full(batch, temperature, np.float32), np.full(batch, uniform, np.float32))
+        logits, next_tokens, _, _ = rnn.step_sample(tokens, state, feeds)
+        probs = np.exp((logits.astype(np.float64) - logits.max(axis=1, keepdims=True)) / temperature)
+        return probs[np.arange(batch), next_tokens], next_tokens
+
+    assert (sampled(BELOW_ONE)[0] > 1e-12).all()  # relative to the most likely token's 1
+    probs_at_one, tokens_at_one = sampled(1.0)
+    assert (tokens_at_one == vocab - 1).all() and (probs_at_one < 1e-30).all()  # what lowering the draws avoids
+
+
 def test_in_graph_sampling_matches_the_numpy_rule(rnn):
     """The step graph's temperature sampling draws what the numpy sampler draws for the same uniform."""
     gen = np.random.default_rng(5)

@@ -29,7 +29,7 @@ from rnngen.decoding.details import token_details
 from rnngen.decoding.logits import RowParams, apply_penalties, banned_by_ngrams, draw, filtered_weights, log_softmax, log_sum_exp
 from rnngen.decoding.params import GenerationParams
 from rnngen.decoding.processors import build_processors
-from rnngen.decoding.random_streams import SlotGenerators
+from rnngen.decoding.random_streams import SlotGenerators, uniform_draws
 from rnngen.decoding.rows import HISTORY_WINDOW, Row, RowSnapshot
 from rnngen.model.graph_stepper import SlotStepper
 from rnngen.model.runtime import RnnModel, sampling_feeds
@@ -162,7 +162,7 @@ def resume(model: RnnModel, snapshot: RowSnapshot, params: GenerationParams, **k
     engine would have fed it in the uninterrupted run (the same sampling inputs and random draw)."""
     row = Row.resume(snapshot, params, model.tokenizer, **kw)
     rp = RowParams.from_params([params])
-    uniform = np.array([row.rng.random() if rp.graph_sampled else 0.0], dtype=np.float32)
+    uniform = np.array([uniform_draws(row.rng) if rp.graph_sampled else 0.0], dtype=np.float32)
     sampling = sampling_feeds(1, np.array([params.temperature], dtype=np.float32), uniform)
     token = np.array([snapshot.pending_token], dtype=np.int64)
     logits, next_tokens, log_z, state = model.step_sample(token, snapshot.state, sampling)

@@ -4,7 +4,7 @@ Each row samples from its own numpy generator (rnngen.decoding.rows.row_generato
 so a row draws the same numbers alone or in any batch. Calling `Generator.random()`
 row by row costs a Python call per row per step; `SlotGenerators` instead draws a
 block of BLOCK numbers per row at a time (the same numbers, in the same order, as
-BLOCK single draws) and hands them out with array indexing. A row's generator is
+BLOCK single draws; see `uniform_draws` for the one number in 33 million that is lowered) and hands them out with array indexing. A row's generator is
 copied in when it joins; writing it back rewinds it past the draws not used yet, so
 a snapshot holds exactly the position of a row that drew one number at a time.
 """
@@ -16,6 +16,16 @@ import copy
 import numpy as np
 
 BLOCK = 64  # numbers drawn per row at a time
+# The largest float32 below 1. The step graph takes its draws as float32, and a double above this
+# would round to 1.0 there, past every token's cumulative probability (once in 33 million draws).
+BELOW_ONE = float(np.nextafter(np.float32(1.0), np.float32(0.0)))
+
+
+def uniform_draws(generator: np.random.Generator, size: int | None = None):
+    """Draws in [0, 1) from `generator` as `Generator.random(size)`, the rare ones above BELOW_ONE
+    lowered to it, so that the numpy sampler and the step graph's float32 see the same number."""
+    values = generator.random(size)
+    return min(values, BELOW_ONE) if size is None else np.minimum(values, BELOW_ONE)
 
 
 class SlotGenerators:
@@ -61,12 +71,12 @@ class SlotGenerators:
         self._room = 0
 
     def random(self, slots: np.ndarray) -> np.ndarray:
-        """One double in [0, 1) from each slot's stream (as `Generator.random()`)."""
+        """One double in [0, 1) from each slot's stream (as `uniform_draws(generator)`)."""
         position = self._next[slots]
         empty = position >= BLOCK
         if empty.any():
             for slot in slots[empty].tolist():
-                self._block[slot] = self._generators[slot].random(BLOCK)
+                self._block[slot] = uniform_draws(self._generators[slot], BLOCK)
             position[empty] = 0
         self._next[slots] = position + 1
         self._room = 0
@@ -78,7 +88,7 @@ class SlotGenerators:
         if self._room <= 0 or len(self._rows) != n:
             empty = np.flatnonzero(position >= BLOCK)
             for slot in empty.tolist():
-                self._block[slot] = self._generators[slot].random(BLOCK)
+                self._block[slot] = uniform_draws(self._generators[slot], BLOCK)
             position[empty] = 0
             self._room = BLOCK - int(position.max())
             if len(self._rows) != n:
