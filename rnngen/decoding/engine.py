@@ -44,17 +44,18 @@ FINISH_INTERRUPTED = "interrupted"  # the caller asked the row to leave early (R
 
 WINDOW = HISTORY_WINDOW
 
-# Per-slot arrays: name -> (dtype, value in a free slot).
+# Per-slot arrays: name -> (dtype, value in a free slot). Besides these, "count" (tokens generated)
+# and "written" (tokens, prompt and output, written to the window ring) are the two columns of one
+# array (DecodeEngine._tally), since every step adds one to both for every row.
 _SLOT_FIELDS = {
-    "count": (np.int64, 0),  # tokens generated
     "last": (np.int64, 0),  # the last token: fed to the model at the next step
     "logprob": (np.float64, 0.0),  # summed log-probability of the generated tokens
-    "written": (np.int64, 0),  # tokens (prompt and output) written to the window ring
+    "shift": (np.int64, 0),  # the ring column of the row's written token t is (t + shift) % WINDOW
     "decoded": (np.int64, 0),  # generated tokens whose text has been made
     "max_new": (np.int64, 1),
     "has_stops": (np.bool_, False),
     "next": (np.int64, -1),  # the token the graph sampled for the next step (-1: not known)
-    "log_z": (np.float64, np.nan),  # the log softmax denominator of the row's logits (nan: not known)
+    "log_z": (np.float32, np.nan),  # the log softmax denominator of the row's logits (nan: not known), as the graph gives it
 }
 # The sampling parameters per slot, from GenerationParams (RowParams is built from them).
 _PARAM_FIELDS = {
@@ -199,11 +200,17 @@ class DecodeEngine:
         self._p = {name: np.zeros(0, dtype) for name, (dtype, _) in _PARAM_FIELDS.items()}
         self._used = np.zeros(0, dtype=bool)
         self._row_at = np.empty(0, dtype=object)  # the Row in each slot (None: free)
-        self._ring = np.zeros((0, WINDOW), dtype=np.int32)  # each slot's last WINDOW tokens, by written % WINDOW
+        self._tally = np.zeros((0, 2), dtype=np.int64)  # per slot: count, written (a["count"], a["written"])
+        self._a["count"], self._a["written"] = self._tally[:, 0], self._tally[:, 1]
+        # Each slot's last WINDOW tokens. Every row's token of one step goes to the same column,
+        # ring_at % WINDOW, so that a step writes one column (each row's "shift" says where its tokens are).
+        self._ring = np.zeros((0, WINDOW), dtype=np.int32)
+        self._ring_at = 0  # tokens each row has been given since the engine began: the next column
         self._rng = SlotGenerators()
         self._seen: np.ndarray | None = None  # (capacity, V) bool, once a row uses the repetition penalty
         self._counts: np.ndarray | None = None  # (capacity, V) int32, once a row uses presence/frequency penalties
         self._logits = np.zeros((0, self._vocab), dtype=np.float32)  # the last step's logits, by slot
+        self._out: tuple[np.ndarray, np.ndarray] | None = None  # the last step's tokens and log-z, not yet settled
         self._fresh: dict[int, np.ndarray] = {}  # slot -> logits (V,) of a row that joined after that step
         self._n = 0
         self._live = np.zeros(0, dtype=np.int64)  # used slots, ascending (rebuilt on membership changes)
@@ -240,6 +247,7 @@ class DecodeEngine:
                 row.logit_processors = build_processors(row.params.processors, self.model.tokenizer)
             if row.params.units and not row.units:
                 row.units = state_units(row.params.units, self.model.config)
+        self._settle()
         slots = self.store.allocate(len(rows))
         if self.store.capacity > self._capacity:
             self._grow(self.store.capacity)
@@ -412,14 +420,11 @@ class DecodeEngine:
         """The slots' new tokens into their records (`slots`: an index array, or a slice over every used slot)."""
         a = self._a
         index = self._rp.row_index if isinstance(slots, slice) else slots  # the ring wants an array of rows
-        a["count"][slots] += 1
+        self._tally[slots] += 1  # count and written
         a["logprob"][slots] += logprobs
         a["last"][slots] = tokens
-        written = a["written"][slots]  # a view for a slice, else a copy
-        self._ring[index, written % WINDOW] = tokens
-        written += 1
-        if not isinstance(slots, slice):
-            a["written"][slots] = written
+        self._ring[slots, self._ring_at % WINDOW] = tokens
+        self._ring_at += 1
         if self._seen is not None:
             self._seen[index, tokens] = True
         if self._counts is not None:
@@ -436,11 +441,20 @@ class DecodeEngine:
         elif len(self._draw_slots):
             uniforms = np.zeros(rows, dtype=np.float32)
             uniforms[self._draw_slots] = self._rng.random(self._draw_slots)
-        a["next"][:rows] = self.store.step(a["last"][:rows], uniforms)
-        a["log_z"][:rows] = self.store.read_log_z()
+        # The sampled tokens and log-z stay where the store put them until a step or a membership
+        # change needs them in the slot arrays (_settle): most steps read them there directly.
+        self._out = (self.store.step(a["last"][:rows], uniforms), self.store.read_log_z())
         self._logits = self.store.read_logits()
         self._fresh.clear()
         self._all_sampled = True
+
+    def _settle(self) -> None:
+        """The last step's sampled tokens and log-z into the slot arrays (before they are read there
+        or the slots change)."""
+        if self._out is not None:
+            rows = len(self._out[0])
+            self._a["next"][:rows], self._a["log_z"][:rows] = self._out
+            self._out = None
 
     @staticmethod
     def _apply_processors(row: Row, x: np.ndarray, i: int, history: list[int]) -> bool:
@@ -478,6 +492,7 @@ class DecodeEngine:
 
     def _log_z(self, slots: np.ndarray) -> np.ndarray:
         """The log softmax denominators of the slots' logits (computed where the graph did not give one)."""
+        self._settle()
         log_z = self._a["log_z"][slots]
         unknown = np.isnan(log_z)
         if unknown.any():
@@ -504,11 +519,13 @@ class DecodeEngine:
         """
         rp, a = self._rp, self._a
         if self._all_simple and self._all_sampled:  # every row's token was drawn by the graph
+            drawn, log_z = self._out if self._out is not None else (a["next"], a["log_z"])
             if self._contiguous:  # slices: cheaper than index arrays
-                tokens = a["next"][: len(live)].copy()
-                return tokens, self._logits[rp.row_index, tokens] - a["log_z"][: len(live)], []
-            tokens = a["next"][live]
-            return tokens, self._logits[live, tokens] - a["log_z"][live], []
+                tokens = drawn[: len(live)].copy()
+                return tokens, self._logits[rp.row_index, tokens] - log_z[: len(live)], []
+            tokens = drawn[live]
+            return tokens, self._logits[live, tokens] - log_z[live], []
+        self._settle()
         tokens = a["next"][live]
         if self._all_sampled:  # the rows that choose on the host are the non-simple ones: known since _rebuild
             need, sub_rp = self._host_rows, self._host_rp
@@ -541,6 +558,8 @@ class DecodeEngine:
         for table, fields in ((self._a, _SLOT_FIELDS), (self._p, _PARAM_FIELDS)):
             for name, (dtype, fill) in fields.items():
                 table[name] = np.concatenate([table[name], np.full(extra, fill if table is self._a else 0, dtype=dtype)])
+        self._tally = np.concatenate([self._tally, np.zeros((extra, 2), dtype=np.int64)])
+        self._a["count"], self._a["written"] = self._tally[:, 0], self._tally[:, 1]
         self._used = np.concatenate([self._used, np.zeros(extra, dtype=bool)])
         self._row_at = np.concatenate([self._row_at, np.empty(extra, dtype=object)])
         self._ring = np.concatenate([self._ring, np.zeros((extra, WINDOW), dtype=np.int32)])
@@ -560,7 +579,8 @@ class DecodeEngine:
         a["count"][slot] = a["decoded"][slot] = row._count
         a["last"][slot], a["logprob"][slot] = row._last_token, row._logprob
         history = list(row._history)[-WINDOW:]
-        self._ring[slot, : len(history)] = history
+        a["shift"][slot] = (self._ring_at - len(history)) % WINDOW  # the row's next token goes to ring_at's column
+        self._ring[slot, (np.arange(len(history)) + a["shift"][slot]) % WINDOW] = history
         a["written"][slot] = len(history)
         a["max_new"][slot], a["has_stops"][slot] = params.max_new_tokens, bool(params.stop)
         first, row.first_sample = row.first_sample, None  # a resumed row's first token, sampled in the graph
@@ -591,6 +611,7 @@ class DecodeEngine:
 
     def _leave(self, slots: np.ndarray) -> None:
         """Rows leave their slots (already synced); the store compacts when most stepped slots are padding."""
+        self._settle()
         for slot in slots.tolist():
             self._detach(self._row_at[slot])
         self.store.free(slots)
@@ -602,6 +623,7 @@ class DecodeEngine:
 
     def _gather(self, order: np.ndarray, rows: list[Row]) -> None:
         """Slot i takes the record of slot order[i] and holds rows[i]; the slots after are free."""
+        self._settle()
         n = len(order)
         logits = self._logits_of(order) if n else None
         if n:
@@ -615,9 +637,10 @@ class DecodeEngine:
                 arr = table[name]
                 arr[:n] = arr[order]
                 arr[n:] = fill if table is self._a else 0
-        for extra in (self._ring, self._seen, self._counts):
+        for extra in (self._tally, self._ring, self._seen, self._counts):
             if extra is not None:
                 extra[:n] = extra[order]
+        self._tally[n:] = 0
         self._rng.gather(order)
         self._row_at[:] = None
         self._used[:] = False
@@ -657,8 +680,8 @@ class DecodeEngine:
 
     def _window(self, slot: int) -> np.ndarray:
         """The slot's last WINDOW tokens (prompt and output), oldest first."""
-        written = int(self._a["written"][slot])
-        return self._ring[slot, np.arange(max(written - WINDOW, 0), written) % WINDOW]
+        written, shift = int(self._a["written"][slot]), int(self._a["shift"][slot])
+        return self._ring[slot, (np.arange(max(written - WINDOW, 0), written) + shift) % WINDOW]
 
     def _decode(self, slot: int, upto: int | None = None) -> str:
         """The text of the slot's generated tokens not yet decoded (up to token `upto`), into its row."""
@@ -669,7 +692,7 @@ class DecodeEngine:
         if upto <= done:
             return ""
         row = self._row_at[slot]
-        end = int(a["written"][slot]) - (count - upto)
+        end = int(a["written"][slot]) - (count - upto) + int(a["shift"][slot])  # past the last token's column
         if upto - done == 1:  # a reader that keeps up (a server): one token, no index array
             text = row.decoder.push(int(self._ring[slot, (end - 1) % WINDOW]))
         else:
