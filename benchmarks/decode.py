@@ -28,7 +28,9 @@ Device paths (issue 13), for every batch size, side by side in the same run:
   10. prefill of 1,000 tokens: rnngen's Loop graph vs the fused-op graph derived from it
      (rnngen.model.fused_graph), and which one RnnModel.prefill uses here      [target <= 1.3x];
      also for the shipped LSTM, GRU and RNN files themselves (--prefill-models)
-Timings interleave the contenders in blocks and report medians. PyTorch runs in a
+Timings interleave the contenders in blocks and report medians; the engine's ratios in 1 and 4
+are medians of each round's ratio (two blocks back to back), which hold while this machine's
+speed drifts in phases of seconds. PyTorch runs in a
 subprocess (onnxruntime's spinning threads slow torch down in the same process).
 Needs the train extra (torch) for the PyTorch baseline and to make the weights.
 """
@@ -107,21 +109,29 @@ def fused_lstm_session(config, weights, providers):
     return ort.InferenceSession(model.SerializeToString(), so, providers=providers)
 
 
-def interleave(contenders: dict, rounds: int) -> dict:
-    """Median seconds per call of each contender, run in turn `rounds` times.
+def interleave(contenders: dict, rounds: int, rounds_of: dict | None = None) -> dict:
+    """Median seconds per call of each contender, run in turn `rounds` times (each round's own
+    times go into `rounds_of`, name -> list, when given).
 
     A contender that sets `fn.elapsed` (its own timing of the part that counts, e.g. without
     its set-up) is measured by that; the others by the whole call.
     """
-    times = {name: [] for name in contenders}
+    times = {name: [] for name in contenders} if rounds_of is None else rounds_of
     for _ in range(rounds):
         for name, fn in contenders.items():
             fn.elapsed = None
             t0 = time.perf_counter()
             fn()
             whole = time.perf_counter() - t0
-            times[name].append(whole if fn.elapsed is None else fn.elapsed)
+            times.setdefault(name, []).append(whole if fn.elapsed is None else fn.elapsed)
     return {name: statistics.median(v) for name, v in times.items()}
+
+
+def paired_ratio(rounds_of: dict, name: str, baseline: str) -> float:
+    """The median over rounds of name's time over the baseline's in the same round. This machine's
+    speed drifts in phases of seconds; a round's two contenders run back to back, so their ratio
+    holds while the times themselves move."""
+    return statistics.median(a / b for a, b in zip(rounds_of[name], rounds_of[baseline]))
 
 
 def bench_model(label: str, path: Path, config, weights, device: str, batches: list[int], quick: bool) -> list[str]:
@@ -137,27 +147,28 @@ def bench_model(label: str, path: Path, config, weights, device: str, batches: l
 
     model = RnnModel.load(path, device=device)
     lines = []
-    block = 100 if quick else 300
-    rounds = 5 if quick else 15
+    # Short blocks and many rounds: each round's ratio is taken from two blocks run back to back.
+    block = 50 if quick else 100
+    rounds = 10 if quick else 40
     # The baseline: the plain loop-free step graph (no sampling head), called back to back.
     so = ort.SessionOptions()
     so.log_severity_level = 3
     bare = ort.InferenceSession(derive_step_model(onnx.load(str(path))).SerializeToString(), so, providers=model.providers)
     outputs = [o.name for o in bare.get_outputs()]
 
-    def bare_steps(batch: int):
+    def bare_steps(batch: int, steps: int = block):
         state = model.initial_state(batch)
         feeds = {"tokens": np.zeros((batch, 1), np.int64)}
 
         def run():
             nonlocal state
-            for i in range(block):
+            for i in range(steps):
                 feeds["tokens"][:, 0] = i % config.vocab_size
                 out = bare.run(outputs, {**feeds, **state})
                 state = dict(zip(model.state_names, out[1:]))
         return run
 
-    def engine_steps(batch: int):
+    def engine_steps(batch: int, steps: int = block):
         # One engine for all rounds, as the bare session is one session: both are timed in steady
         # state (a new engine's first steps are slower while onnxruntime sets up its new bindings).
         engine = DecodeEngine(model)
@@ -169,17 +180,18 @@ def bench_model(label: str, path: Path, config, weights, device: str, batches: l
             engine.step()
 
         def run():
-            for _ in range(block):
+            for _ in range(steps):
                 engine.step()
         return run
 
     # 1. one stream per token.
     eng = engine_steps(1)
-    res = interleave({"bare": bare_steps(1), "engine": eng}, rounds)
+    each = {}
+    res = interleave({"bare": bare_steps(1), "engine": eng}, rounds, each)
     bare_us = res["bare"] / block * 1e6
     engine_us = res["engine"] / block * 1e6
     lines.append(f"{label} | batch 1 per token | engine {engine_us:.1f} us vs bare onnxruntime step {bare_us:.1f} us | "
-                 f"ratio {engine_us / bare_us:.2f}x (target <= 1.15x)")
+                 f"ratio {paired_ratio(each, 'engine', 'bare'):.2f}x (median of {rounds} paired rounds; target <= 1.15x)")
 
     # 2. PyTorch eager, in a subprocess on the same weights.
     torch_us = torch_eager_per_token(config, weights, block, rounds, device)
@@ -214,11 +226,14 @@ def bench_model(label: str, path: Path, config, weights, device: str, batches: l
     for batch in batches:
         if batch == 1:
             continue
-        res = interleave({"bare": bare_steps(batch), "engine": engine_steps(batch)}, max(3, rounds // 3))
-        bare_tps = batch * block / res["bare"]
-        engine_tps = batch * block / res["engine"]
+        each = {}
+        batch_block = max(10, block // 4) if batch >= 512 else block // 2
+        res = interleave({"bare": bare_steps(batch, batch_block), "engine": engine_steps(batch, batch_block)}, rounds // 2, each)
+        bare_tps = batch * batch_block / res["bare"]
+        engine_tps = batch * batch_block / res["engine"]
         lines.append(f"{label} | batch {batch} aggregate | engine {engine_tps:,.0f} tok/s vs bare batched step "
-                     f"{bare_tps:,.0f} tok/s | ratio {engine_tps / bare_tps:.2f}x (target >= 0.9x)")
+                     f"{bare_tps:,.0f} tok/s | ratio {paired_ratio(each, 'bare', 'engine'):.2f}x "
+                     f"(median of {rounds // 2} paired rounds; target >= 0.9x)")
     return lines
 
 
