@@ -373,6 +373,66 @@ def test_a_reader_that_keeps_up_gets_each_tokens_own_text_in_its_update(rnn):
         assert "".join(pieces[i]) == row.text and len(pieces[i]) == 30 + i
 
 
+@pytest.mark.parametrize("kind", ["char", "byte"])
+def test_step_texts_read_in_bulk_are_the_updates_texts(kind, char_model_file, byte_model_file):
+    """StepUpdates.texts() read right after each step (what a server does) gives each step the text
+    that reading the updates one step late gives (the per-row path), and every row's texts add up
+    to its tokens decoded: with a byte model's characters split across steps, a row with a stop
+    string, rows joining and leaving, and one step read late on the bulk side too."""
+    model = RnnModel.load(char_model_file if kind == "char" else byte_model_file, device="cpu")
+    tok = model.tokenizer
+    engines, rows = (DecodeEngine(model), DecodeEngine(model)), ([], [])
+    seen, tokens = ({}, {}), {}  # tag -> texts read, on each side; tag -> tokens
+
+    def join(tag, **kw):
+        ids = tok.encode("to be é " if kind == "byte" else "to be ")
+        params = GenerationParams(max_new_tokens=25, seed=tag, temperature=1.5, **kw)
+        for engine, kept in zip(engines, rows):
+            kept.append(make_row(model, ids, params, tag))
+            engine.add([kept[-1]], *engine.prefill(ids))
+
+    def read(updates, got, bulk):
+        texts = updates.texts() if bulk else [u.text for u in updates]
+        for row, token, text in zip(updates.rows, updates.tokens.tolist(), texts):
+            got.setdefault(row.tag, []).append(text)
+            if bulk:
+                tokens.setdefault(row.tag, []).append(token)
+
+    for tag in range(4):
+        join(tag, stop=("ab", "e") if tag == 1 else ())
+    behind, late = None, None
+    while len(engines[0]) or len(engines[1]):
+        step = engines[0]._steps
+        if step == 5:
+            join(10)
+        if step == 7:
+            for engine, kept in zip(engines, rows):
+                engine.remove(next(r for r in kept if r.tag == 2))
+        bulk, each = engines[0].step(), engines[1].step()
+        if behind is not None:
+            read(behind, seen[1], bulk=False)  # the step before, read after this one
+        behind = each
+        if step == 12:
+            late = bulk
+            continue
+        if late is not None:
+            read(late, seen[0], bulk=True)
+            late = None
+        read(bulk, seen[0], bulk=True)
+    read(behind, seen[1], bulk=False)
+    # Step by step the same text, but at the end: text a late reader had not read when its row
+    # finished (or was removed) comes in the last update (or the Row).
+    assert seen[0].keys() == seen[1].keys() and len(seen[0]) == 5
+    assert all(seen[0][tag][:-2] == seen[1][tag][:-2] for tag in seen[0])
+    for row in rows[0]:
+        if row.tag == 2:  # removed: its last text went into its Row, not an update
+            continue
+        text = "".join(seen[0][row.tag])
+        assert text == row.text
+        full = tok.decode(tokens[row.tag])
+        assert text == (full[: full.index("e")] if row.tag == 1 and "e" in full else full)
+
+
 def test_a_reader_one_step_behind_still_gets_each_steps_own_text(rnn):
     """Updates read after the next step has run give the text of their own step, not the next one's."""
     tok = rnn.tokenizer

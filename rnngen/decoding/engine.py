@@ -87,7 +87,7 @@ class BatchState:
         return BatchState({k: np.concatenate([s.arrays[k] for s in states], axis=1) for k in keys})
 
 
-@dataclass
+@dataclass(slots=True)
 class RowUpdate:
     """What one step did to one row: the text it added (may be empty) and whether it finished."""
 
@@ -149,13 +149,63 @@ class StepUpdates:
             return (self._made[i] for i in range(len(self.slots)))
         return self._make_all()
 
+    def texts(self) -> list[str]:
+        """Every row's text from this step, in order: what the updates' `text` would be, without
+        making an update per row (a server reads every row's text every step). Its `details` and
+        `errors` are dicts by position."""
+        if not self._made and self._all_keep_up():
+            return self._kept_up_texts()
+        return [update.text for update in self]
+
+    @property
+    def details(self) -> dict:
+        return self._details
+
+    @property
+    def errors(self) -> dict:
+        return self._errors
+
     def _make_all(self):
         """Every update in order, the arrays read once (a server reads them all every step)."""
         made = self._made
+        if not made and self._all_keep_up():
+            texts = self._kept_up_texts()  # made all at once: a reader that stops early loses nothing
+            for i, (row, token, finished, text) in enumerate(zip(self.rows, self.tokens.tolist(), self.finished.tolist(), texts)):
+                made[i] = RowUpdate(row, token, text, finished, self._details.get(i), self._errors.get(i))
+            yield from made.values()
+            return
         for i, (row, token, finished, count) in enumerate(zip(self.rows, self.tokens.tolist(), self.finished.tolist(),
                                                                self._counts_now())):
             update = made.get(i)
             yield update if update is not None else self._make(i, row, token, finished, count)
+
+    def _all_keep_up(self) -> bool:
+        """Whether every row's text, but this step's token, has been made (read right after the step,
+        every step: a server), the rows where the step left them."""
+        engine = self.engine
+        if engine._steps != self._step or engine._live is not self.slots or engine._dirty:
+            return False
+        a = engine._a
+        return bool((a["count"][self.slots] - a["decoded"][self.slots] <= 1).all())
+
+    def _kept_up_texts(self) -> list[str]:
+        """Every row's text when all rows keep up: each row's is its token's, through its decoder,
+        without the per-row index work of DecodeEngine._decode. Rows with stop strings (and rows
+        whose unread text was due) had theirs made by the step; the others' stop filters have no
+        stop strings, so their text passes them unchanged."""
+        made_by_step = self._texts
+        a = self.engine._a
+        counts = a["count"][self.slots]
+        behind = (counts - a["decoded"][self.slots]).tolist()
+        texts = []
+        for i, (row, token) in enumerate(zip(self.rows, self.tokens.tolist())):
+            text = made_by_step.get(i)
+            if text is None:
+                text = row.decoder.push(token) if behind[i] else ""
+                row.add_text(text)
+            texts.append(text)
+        a["decoded"][self.slots] = counts
+        return texts
 
 
 def resume(model: RnnModel, snapshot: RowSnapshot, params: GenerationParams, **kw) -> tuple[Row, np.ndarray, BatchState]:

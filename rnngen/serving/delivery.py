@@ -66,24 +66,25 @@ class Outbox:
     # -- decoding threads ---------------------------------------------------------------------
 
     def post(self, updates) -> None:
-        """One step's RowUpdates (their rows are tagged with their Stream)."""
+        """One step's StepUpdates (their rows are tagged with their Stream)."""
+        texts = updates.texts()  # made before the lock is taken
         with self._lock:
             dirty = self._dirty
-            for update in updates:
-                stream = update.row.tag
+            for row, token, text, finished in zip(updates.rows, updates.tokens.tolist(), texts, updates.finished.tolist()):
+                stream = row.tag
                 p = stream.pending
                 p.count += 1
-                if update.text:
-                    p.texts.append(update.text)
+                if text:
+                    p.texts.append(text)
                 if stream.want_tokens:
-                    p.tokens.append(update.token)
-                if update.details is not None:  # only rows that asked for details (introspect) have them
-                    p.details.append(update.details)
-                if update.error is not None:
-                    p.error = update.error
-                if update.finished:
+                    p.tokens.append(token)
+                if finished:
                     p.ended = True
                 dirty[stream] = None
+            for i, details in updates.details.items():  # only rows that asked for details (introspect)
+                updates.rows[i].tag.pending.details.append(details)
+            for i, error in updates.errors.items():
+                updates.rows[i].tag.pending.error = error
             self._arm_locked()
 
     def end(self, streams, error: Exception | None = None) -> None:
