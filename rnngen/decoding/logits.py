@@ -128,8 +128,8 @@ def filtered_weights(logits: np.ndarray, rp: RowParams) -> np.ndarray:
     Greedy rows (temperature 0) are computed at temperature 1; the caller takes their argmax instead.
     Each filter is a floor on x per row (a token is kept when x >= floor): top-k's is the k-th largest
     x (its ties stay), top-p's the smallest x of the shortest ranked prefix whose probability, after
-    top-k, reaches p. Both come from one descending sort, top-p's from the first max(k) ranks when
-    every row is under top-k. Then one mask over the whole batch applies both.
+    top-k, reaches p. Both come from one sort, top-p's from the highest max(k) ranks when every row
+    is under top-k. Then one mask over the whole batch applies both.
     """
     x = logits / rp.sampling_temperature  # a new array: the weights are made in it, in place
     keep = None
