@@ -591,9 +591,12 @@ class DecodeEngine:
         if sub_rp.all_greedy:
             chosen = x.argmax(axis=1)
         else:
-            drawing = np.flatnonzero(~sub_rp.greedy)
-            uniforms = np.zeros(len(need))
-            uniforms[drawing] = self._rng.random(slots[drawing])
+            if self._contiguous and len(need) == len(live) and not sub_rp.any_greedy:
+                uniforms = self._rng.random_range(len(live))  # every slot from 0 draws: no index arrays
+            else:
+                drawing = np.flatnonzero(~sub_rp.greedy)
+                uniforms = np.zeros(len(need))
+                uniforms[drawing] = self._rng.random(slots[drawing])
             chosen = draw(filtered_weights(x, sub_rp), uniforms)
             if sub_rp.any_greedy:
                 chosen = np.where(sub_rp.greedy, x.argmax(axis=1), chosen)
