@@ -299,6 +299,27 @@ def test_a_prompt_over_the_limit_is_refused_naming_it(start_server):
         assert last.usage.prompt_tokens == 50
 
 
+def test_short_prompts_set_up_on_the_loop_and_long_ones_in_the_prefill_threads_decode_alike(start_server, char_model_file):
+    """A prompt up to INLINE_PROMPT_CHARS is set up on the event loop, a longer one in the prefill
+    threads: both decode what they decode locally, and both are refused over --max-prompt-tokens."""
+    from rnngen.serving.service import INLINE_PROMPT_CHARS
+
+    server = start_server()
+    local = RnnModel.load(char_model_file, device="cpu")
+    short, long = "to be or not ", "the " * (INLINE_PROMPT_CHARS // 4 + 1)
+    params = GenerationParams(max_new_tokens=30, seed=4)
+    with client_for(server) as c:
+        for prompt in (short, long):
+            assert collect(c.generate(prompt, params=params))[0] == generate(local, prompt, params).text
+    limited = start_server(max_prompt_tokens=10, max_active=1, max_queued=1)  # a leaked reservation would refuse the last
+    with client_for(limited) as c:
+        for prompt in (short + "the ", long):
+            with pytest.raises(grpc.RpcError) as err:
+                collect(c.generate(prompt, params=params))
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "--max-prompt-tokens" in err.value.details()
+        assert collect(c.generate("the", params=params))[1].usage.completion_tokens == 30  # both reservations were given back
+
+
 def test_unknown_model_and_bad_prompt(start_server):
     server = start_server()
     with client_for(server) as client:

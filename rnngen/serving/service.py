@@ -33,6 +33,10 @@ from rnngen.v1 import rnngen_pb2 as pb
 from rnngen.v1 import rnngen_pb2_grpc as pb_grpc
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Generator"].full_name
+# Prompts up to this many characters are set up (tokenized, their row made) on the event loop: for
+# them a hop to the prefill threads and back costs more than the work. Longer prompts and sessions
+# (whose pending token is fed through the model) go to the prefill threads.
+INLINE_PROMPT_CHARS = 4096
 
 
 @dataclass
@@ -112,7 +116,10 @@ class GeneratorService(pb_grpc.GeneratorServicer):
             units = state_units(params.units, served.model.config)
             served.scheduler.reserve()
             try:
-                stream, job = await self.loop.run_in_executor(self.prefill_pool, self._prefill, served, request, params)
+                if request.WhichOneof("start") != "session" and len(request.prompt) <= INLINE_PROMPT_CHARS:
+                    stream, job = self._prefill(served, request, params)
+                else:
+                    stream, job = await self.loop.run_in_executor(self.prefill_pool, self._prefill, served, request, params)
             except BaseException:
                 served.scheduler.release()
                 raise
