@@ -502,6 +502,21 @@ def test_a_fast_stream_arrives_in_coalesced_messages_with_the_same_text(start_se
     assert "".join(m.text for m in messages) == generate(RnnModel.load(char_model_file, device="cpu"), "the ", params).text
 
 
+def test_a_streams_first_text_and_its_end_do_not_wait_for_the_flush_timer(start_server, char_model_file):
+    """With one flush every 2 s, a short stream still gets its first text and its last message at
+    once; the tokens between them wait for the timer and come coalesced."""
+    server = start_server(message_rate=0.5)  # a lone stream is flushed every 2 s
+    params = GenerationParams(max_new_tokens=200, seed=5)
+    with client_for(server) as client:
+        collect(client.generate("the ", params=params))  # the server's first flush is due at once anyway
+        started = time.monotonic()
+        messages = list(client.generate("the ", params=params, return_token_ids=True))
+        took = time.monotonic() - started
+    assert took < 1.0  # waiting for the timer would take about 2 s
+    assert 1 <= len(messages[0].token_ids) < 200 and messages[-1].finish_reason == pb.FINISH_REASON_LENGTH
+    assert "".join(m.text for m in messages) == generate(RnnModel.load(char_model_file, device="cpu"), "the ", params).text
+
+
 def test_waiting_streams_join_in_one_batched_admission(start_server):
     server = start_server()
     served = server.models[0]

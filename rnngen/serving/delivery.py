@@ -11,7 +11,10 @@ slow reader gets fewer, larger messages and never holds up the others.
 The flush interval is `open streams / message_rate` seconds: the server's total
 message rate stays near `message_rate` however many streams run and however
 fast they decode, while a lone stream is flushed every 1/message_rate seconds
-(feels live). Nothing runs per stream per token on the event loop.
+(feels live). A stream's first text and its end do not wait for the timer:
+the handler is woken as soon as they are posted (each happens once per stream,
+so the rate stays bounded), so time to first token and to the last message
+carry no flush delay. Nothing runs per stream per token on the event loop.
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ class Stream:
     enqueued_at: float = field(default_factory=time.perf_counter)
     pending: Pending = field(default_factory=Pending)  # guarded by the outbox's lock
     wake: asyncio.Event | None = None  # set by a flush; the handler waits on it
+    posted: bool = False  # an update has been posted (its first one is sent without waiting for a flush)
 
 
 class Outbox:
@@ -61,6 +65,8 @@ class Outbox:
         self._lock = threading.Lock()
         self._dirty: dict[Stream, None] = {}  # an ordered set: streams with news since the last flush
         self._armed = False  # a flush is scheduled (at most one hand-over to the loop per flush)
+        self._urgent: list[Stream] = []  # streams whose first text or end is in: woken without waiting
+        self._urgent_armed = False
         self._last_flush = 0.0
 
     # -- decoding threads ---------------------------------------------------------------------
@@ -78,8 +84,10 @@ class Outbox:
                     p.texts.append(text)
                 if stream.want_tokens:
                     p.tokens.append(token)
-                if finished:
-                    p.ended = True
+                if finished or not stream.posted:
+                    p.ended = p.ended or finished
+                    stream.posted = True
+                    self._urgent.append(stream)
                 dirty[stream] = None
             for i, details in updates.details.items():  # only rows that asked for details (introspect)
                 updates.rows[i].tag.pending.details.append(details)
@@ -95,9 +103,13 @@ class Outbox:
                 if error is not None and stream.pending.error is None:
                     stream.pending.error = error
                 self._dirty[stream] = None
+                self._urgent.append(stream)
             self._arm_locked()
 
     def _arm_locked(self) -> None:
+        if self._urgent and not self._urgent_armed:
+            self._urgent_armed = True
+            self.loop.call_soon_threadsafe(self._wake_urgent)
         if self._dirty and not self._armed:
             self._armed = True
             self.loop.call_soon_threadsafe(self._schedule_flush)
@@ -114,6 +126,17 @@ class Outbox:
             self.loop.call_later(delay, self._flush)
         else:
             self._flush()
+
+    def _wake_urgent(self) -> None:
+        """Wake the streams whose first text or end came in (the next flush need not wake them)."""
+        with self._lock:
+            urgent, self._urgent = self._urgent, []
+            self._urgent_armed = False
+            for stream in urgent:
+                self._dirty.pop(stream, None)
+        for stream in urgent:
+            if stream.wake is not None:
+                stream.wake.set()
 
     def _flush(self) -> None:
         with self._lock:
