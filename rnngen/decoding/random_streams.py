@@ -4,9 +4,10 @@ Each row samples from its own numpy generator (rnngen.decoding.rows.row_generato
 so a row draws the same numbers alone or in any batch. Calling `Generator.random()`
 row by row costs a Python call per row per step; `SlotGenerators` instead draws a
 block of BLOCK numbers per row at a time (the same numbers, in the same order, as
-BLOCK single draws; see `uniform_draws` for the one number in 33 million that is lowered) and hands them out with array indexing. A row's generator is
-copied in when it joins; writing it back rewinds it past the draws not used yet, so
-a snapshot holds exactly the position of a row that drew one number at a time.
+BLOCK single draws, but for the one in 33 million that `uniform_draws` lowers) and
+hands them out with array indexing. A row's generator is copied in when it joins;
+writing it back rewinds it past the draws not used yet, so a snapshot holds
+exactly the position of a row that drew one number at a time.
 """
 
 from __future__ import annotations

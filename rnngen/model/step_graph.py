@@ -111,9 +111,9 @@ def add_sampling_head(step: onnx.ModelProto, vocab_size: int, logits_name: str =
 
     next_token = argmax(logits) for greedy rows, else the inverse-CDF draw at `uniform` from the
     weights exp((logits - max) / temperature) (the first token whose cumulative weight exceeds
-    uniform * total: the same rule as the engine's numpy sampler). Rows that need other processors (top-k, top-p,
-    penalties, ...) ignore next_token and use the logits. On a GPU this keeps sampling on the device:
-    only token ids need to come back.
+    uniform * total: the same rule as the engine's numpy sampler). Rows that need other
+    processors (top-k, top-p, penalties, ...) ignore next_token and use the logits. On a GPU this
+    keeps sampling on the device: only token ids need to come back.
 
     Built from few and cheap kernels (measured on onnxruntime's CPU provider: at batch 64,
     ReduceLogSumExp and an int64 ReduceSum took 5-30x longer than the float ReduceMax/ReduceSum and
