@@ -5,6 +5,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -52,11 +53,16 @@ def test_manifests_fit_the_server():
 
 def start_replica(model: Path, secret: str, grace: str = "5") -> tuple[subprocess.Popen, int]:
     env = {**os.environ, "RNNGEN_SESSION_SECRET": secret}
+    # stderr goes to a file: a pipe nobody reads while the server runs would stop it once full
+    errors = tempfile.TemporaryFile("w+")
     proc = subprocess.Popen([sys.executable, "-m", "rnngen", "serve", "-m", str(model), "--port", "0", "--grace", grace],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            env=env, stdout=subprocess.PIPE, stderr=errors, text=True)
     line = proc.stdout.readline()
     match = re.search(r"127\.0\.0\.1:(\d+)", line)
-    assert match, (line, proc.stderr.read() if proc.poll() is not None else "")
+    if not match:
+        proc.wait(10)
+        errors.seek(0)
+    assert match, (line, errors.read())
     return proc, int(match.group(1))
 
 
