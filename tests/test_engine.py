@@ -433,6 +433,24 @@ def test_step_texts_read_in_bulk_are_the_updates_texts(kind, char_model_file, by
         assert text == (full[: full.index("e")] if row.tag == 1 and "e" in full else full)
 
 
+def test_step_texts_after_skipped_steps_carry_the_unread_text(rnn):
+    """A reader that skipped two steps' updates gets their text with the next step's (texts() then
+    takes the per-row path), so nothing is lost."""
+    tok = rnn.tokenizer
+    engine = DecodeEngine(rnn)
+    rows = [make_row(rnn, tok.encode("to "), GenerationParams(max_new_tokens=30, seed=i, temperature=0.9), i)
+            for i in range(3)]
+    logits, state = engine.prefill(tok.encode("to "))
+    engine.add(rows, logits[[0] * 3], state.select([0] * 3))
+    tokens = [[] for _ in rows]
+    for step in range(3):
+        updates = engine.step()
+        for i, token in enumerate(updates.tokens.tolist()):
+            tokens[i].append(token)
+    texts = updates.texts()  # the first two steps were never read
+    assert texts == [tok.decode(t) for t in tokens]
+
+
 def test_a_reader_one_step_behind_still_gets_each_steps_own_text(rnn):
     """Updates read after the next step has run give the text of their own step, not the next one's."""
     tok = rnn.tokenizer

@@ -153,9 +153,8 @@ class StepUpdates:
         """Every row's text from this step, in order: what the updates' `text` would be, without
         making an update per row (a server reads every row's text every step). Its `details` and
         `errors` are dicts by position."""
-        if not self._made and self._all_keep_up():
-            return self._kept_up_texts()
-        return [update.text for update in self]
+        texts = self._kept_up_texts()
+        return texts if texts is not None else [update.text for update in self]
 
     @property
     def details(self) -> dict:
@@ -168,8 +167,8 @@ class StepUpdates:
     def _make_all(self):
         """Every update in order, the arrays read once (a server reads them all every step)."""
         made = self._made
-        if not made and self._all_keep_up():
-            texts = self._kept_up_texts()  # made all at once: a reader that stops early loses nothing
+        texts = self._kept_up_texts()  # made all at once: a reader that stops early loses nothing
+        if texts is not None:
             for i, (row, token, finished, text) in enumerate(zip(self.rows, self.tokens.tolist(), self.finished.tolist(), texts)):
                 made[i] = RowUpdate(row, token, text, finished, self._details.get(i), self._errors.get(i))
             yield from made.values()
@@ -179,24 +178,22 @@ class StepUpdates:
             update = made.get(i)
             yield update if update is not None else self._make(i, row, token, finished, count)
 
-    def _all_keep_up(self) -> bool:
-        """Whether every row's text, but this step's token, has been made (read right after the step,
-        every step: a server), the rows where the step left them."""
+    def _kept_up_texts(self) -> list[str] | None:
+        """Every row's text when all rows keep up (nothing read yet, read right after the step, every
+        row's text made but for this step's token: a server), else None. Each row's text is its
+        token's, through its decoder, without the per-row index work of DecodeEngine._decode. Rows
+        with stop strings (and rows whose unread text was due) had theirs made by the step; the
+        others' stop filters have no stop strings, so their text passes them unchanged."""
         engine = self.engine
-        if engine._steps != self._step or engine._live is not self.slots or engine._dirty:
-            return False
+        if self._made or engine._steps != self._step or engine._live is not self.slots or engine._dirty:
+            return None
         a = engine._a
-        return bool((a["count"][self.slots] - a["decoded"][self.slots] <= 1).all())
-
-    def _kept_up_texts(self) -> list[str]:
-        """Every row's text when all rows keep up: each row's is its token's, through its decoder,
-        without the per-row index work of DecodeEngine._decode. Rows with stop strings (and rows
-        whose unread text was due) had theirs made by the step; the others' stop filters have no
-        stop strings, so their text passes them unchanged."""
-        made_by_step = self._texts
-        a = self.engine._a
         counts = a["count"][self.slots]
-        behind = (counts - a["decoded"][self.slots]).tolist()
+        behind = counts - a["decoded"][self.slots]
+        if (behind > 1).any():
+            return None
+        behind = behind.tolist()
+        made_by_step = self._texts
         texts = []
         for i, (row, token) in enumerate(zip(self.rows, self.tokens.tolist())):
             text = made_by_step.get(i)
@@ -469,7 +466,7 @@ class DecodeEngine:
     def _record(self, slots: np.ndarray | slice, tokens: np.ndarray, logprobs: np.ndarray) -> None:
         """The slots' new tokens into their records (`slots`: an index array, or a slice over every used slot)."""
         a = self._a
-        index = self._rp.row_index if isinstance(slots, slice) else slots  # the ring wants an array of rows
+        index = self._rp.row_index if isinstance(slots, slice) else slots  # seen and counts want an array of rows
         self._tally[slots] += 1  # count and written
         a["logprob"][slots] += logprobs
         a["last"][slots] = tokens

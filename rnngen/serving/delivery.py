@@ -84,8 +84,9 @@ class Outbox:
                     p.texts.append(text)
                 if stream.want_tokens:
                     p.tokens.append(token)
-                if finished or not stream.posted:
-                    p.ended = p.ended or finished
+                if finished:
+                    p.ended = True
+                if finished or not stream.posted:  # its first text or its end: sent without waiting
                     stream.posted = True
                     self._urgent.append(stream)
                 dirty[stream] = None
@@ -134,16 +135,19 @@ class Outbox:
             self._urgent_armed = False
             for stream in urgent:
                 self._dirty.pop(stream, None)
-        for stream in urgent:
-            if stream.wake is not None:
-                stream.wake.set()
+        self._wake(urgent)
 
     def _flush(self) -> None:
         with self._lock:
             dirty, self._dirty = self._dirty, {}
             self._armed = False
         self._last_flush = self.loop.time()
-        for stream in dirty:
+        self._wake(dirty)
+
+    @staticmethod
+    def _wake(streams) -> None:
+        """Each stream's handler takes its news (on the loop)."""
+        for stream in streams:
             if stream.wake is not None:
                 stream.wake.set()
 
