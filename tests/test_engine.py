@@ -521,6 +521,58 @@ def test_host_slots_keep_their_arrays_while_the_top_rows_come_and_go_and_every_r
             np.testing.assert_allclose(got[k][:, j : j + 1], reference[slot][k], atol=1e-5)
 
 
+def test_host_slots_reuse_their_arrays_when_the_top_row_comes_and_goes_and_shrink_only_after_a_while(rnn):
+    """A stream ending and the next joining move the top row across a size (32 rows: 32 arrays, 33: 36):
+    the arrays grow at once, are not re-made when the rows go back and forth, and move to the smaller
+    size only after the rows have fit it for SHRINK_AFTER_STEPS steps; each row steps as it would alone."""
+    from rnngen.model.slots import SHRINK_AFTER_STEPS
+
+    gen = np.random.default_rng(6)
+    names = rnn.state_names
+    store = HostSlots(rnn)
+    state = {k: gen.normal(0, 0.5, v.shape).astype(np.float32) for k, v in rnn.initial_state(32).items()}
+    store.write_rows(store.allocate(32), state)
+    reference = {i: {k: state[k][:, i : i + 1] for k in names} for i in range(32)}
+
+    def step():
+        tokens = gen.integers(0, rnn.config.vocab_size, store.rows)
+        store.step(tokens)
+        for slot in reference:
+            _, reference[slot] = rnn.step(tokens[slot : slot + 1], reference[slot])
+        return store.read_logits()
+
+    small = step()
+    arrays = {id(small.base)}
+    for _ in range(3):
+        joined = {k: gen.normal(0, 0.5, v.shape).astype(np.float32) for k, v in rnn.initial_state(1).items()}
+        store.write_rows(store.allocate(1), joined)  # slot 32: a 33rd row
+        reference[32] = joined
+        large = step()
+        arrays.add(id(large.base))
+        store.free([32])
+        del reference[32]
+        assert np.shares_memory(step(), large)  # not shrunk yet
+    assert len(arrays) == 2  # the 32-row arrays and the 36-row ones, each made once
+    for _ in range(SHRINK_AFTER_STEPS - 2):
+        assert step().base is not small.base  # still the larger arrays
+    assert np.shares_memory(step(), small)  # the 32-row arrays again, reused
+    got = store.read_rows(sorted(reference))
+    for j, slot in enumerate(sorted(reference)):
+        for k in names:
+            np.testing.assert_allclose(got[k][:, j : j + 1], reference[slot][k], atol=1e-5)
+
+
+def test_a_copied_generator_draws_what_the_original_draws_and_moves_on_its_own():
+    from rnngen.decoding.random_streams import copy_generator
+
+    original, twin = row_generator(3, 1), row_generator(3, 1)
+    original.random(7)
+    twin.random(7)
+    copy = copy_generator(original)
+    assert copy.random(5).tolist() == twin.random(5).tolist()
+    assert original.random(5).tolist() == copy_generator(row_generator(3, 1)).random(12)[7:].tolist()
+
+
 def test_slot_generators_draw_what_each_rows_own_generator_draws():
     """Many rows' PCG64 streams advanced together give numpy's own doubles, and the position goes back."""
     from rnngen.decoding.random_streams import SlotGenerators

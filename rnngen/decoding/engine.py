@@ -717,7 +717,8 @@ class DecodeEngine:
         self._slot_range = slice(0, n)
         self._all_simple = bool(rp.simple.all())
         self._host_rows = np.flatnonzero(~rp.simple)  # rows whose tokens are chosen on the host (graph ones aside)
-        self._host_rp = rp if len(self._host_rows) == n else rp.take(self._host_rows)
+        host = len(self._host_rows)  # their parameters are taken only when there are some (rows join and leave often)
+        self._host_rp = rp if host == n else rp.take(self._host_rows) if host else None
         self._all_draw = self._contiguous and len(self._draw_slots) == n
         self._live_rows = self._row_at[live]
         self._all_ok = np.ones(n, dtype=bool)

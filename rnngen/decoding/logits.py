@@ -50,20 +50,19 @@ class RowParams:
     any_introspect: bool = False  # some row reports per-token details
 
     def __post_init__(self) -> None:
-        # Which processors any row needs, decided once per batch change rather than every step.
+        # Which processors any row needs, decided once per batch change rather than every step
+        # (array methods, not np.any: this runs whenever a row joins or leaves).
         self.greedy = self.temperature == 0.0
         self.any_greedy, self.all_greedy = bool(self.greedy.any()), bool(self.greedy.all())
         self.sampling_temperature = np.where(self.greedy, 1.0, self.temperature)[:, None]
-        self.uses_repetition = bool(np.any(self.repetition != 1.0))
-        self.uses_counts = bool(np.any(self.presence != 0.0) or np.any(self.frequency != 0.0))
-        self.uses_ngrams = bool(np.any(self.no_repeat_ngram > 0))
-        self.uses_top_k = bool(np.any(self.top_k > 0))
-        self.uses_top_p = bool(np.any(self.top_p < 1.0))
-        self.uses_min_p = bool(np.any(self.min_p > 0.0))
-        self.uses_custom = bool(np.any(self.custom))
+        repetition, top_k, top_p = self.repetition != 1.0, self.top_k > 0, self.top_p < 1.0
+        min_p, ngrams = self.min_p > 0.0, self.no_repeat_ngram > 0
+        counts = (self.presence != 0.0) | (self.frequency != 0.0)
+        self.uses_repetition, self.uses_counts, self.uses_ngrams = bool(repetition.any()), bool(counts.any()), bool(ngrams.any())
+        self.uses_top_k, self.uses_top_p, self.uses_min_p = bool(top_k.any()), bool(top_p.any()), bool(min_p.any())
+        self.uses_custom = bool(self.custom.any())
         # Rows that need nothing but temperature: the step graph samples their next token itself.
-        self.simple = ((self.top_k == 0) & (self.top_p >= 1.0) & (self.min_p == 0.0) & (self.repetition == 1.0)
-                       & (self.presence == 0.0) & (self.frequency == 0.0) & (self.no_repeat_ngram == 0) & ~self.custom)
+        self.simple = ~(repetition | counts | ngrams | top_k | top_p | min_p | self.custom)
         self.graph_sampled = np.flatnonzero(self.simple & ~self.greedy).tolist()  # rows that draw for the graph
         self.row_index = np.arange(len(self.temperature))  # reused by the engine every step
 

@@ -95,6 +95,9 @@ class _Bound:
             self.bindings.append(binding)
 
 
+SHRINK_AFTER_STEPS = 16  # steps the rows must fit smaller arrays before they move there
+
+
 def bound_size(rows: int, capacity: int) -> int:
     """Rows the host arrays hold for `rows` stepped rows: rounded up to a multiple of an eighth of the
     largest power of two not above `rows` (exact up to 15 rows; padding rows are stepped and ignored)."""
@@ -110,8 +113,11 @@ class HostSlots:
     The state of the stepped slots (0 .. rows - 1) lives in host arrays that the step graph reads
     and writes in place (`_Bound`): a step copies in only the tokens and the draws, and allocates
     nothing. The arrays hold `bound_size(rows)` rows (the rows rounded up by at most an eighth,
-    see there) and are made anew, the rows copied over, only when that size changes, so rows
-    joining and leaving at the top of a large batch do not re-make them every step.
+    see there); when that size changes the rows move to arrays of the new size. They grow at once,
+    but shrink only once the rows have fit the smaller size for SHRINK_AFTER_STEPS steps, and the
+    arrays last left are kept for reuse: in a server, where a stream ending and the next one
+    joining move the top row back and forth across a size, binding new arrays (about 1 ms each
+    time) would otherwise come with almost every join and leave.
     `capacity` (the slots the engine keeps records for) grows in powers of two up to
     `max_capacity` (None: no limit).
     """
@@ -126,6 +132,8 @@ class HostSlots:
         self._temperature = np.zeros(0, dtype=np.float32)
         self._rows = 0
         self._bound: _Bound | None = None
+        self._spare: _Bound | None = None  # the arrays bound before the current ones, for reuse
+        self._shrink_in = 0  # steps left before the arrays shrink to the rows' size (0: not due)
         self._parity = 0  # which of the bound state sets holds the current state
         self._sampling_dirty = True  # the bound temperatures are to be rewritten before the next step
 
@@ -145,7 +153,10 @@ class HostSlots:
     def _rebind(self, rows: int, order: np.ndarray | None = None) -> None:
         """Arrays for `rows` stepped rows; row i takes the current row order[i] (default: row i, as far as both have)."""
         old = self._state() if self._bound is not None else None
-        self._bound = _Bound(self.model, rows) if rows else None
+        previous, spare = self._bound, self._spare
+        self._bound = None if not rows else spare if spare is not None and spare.rows == rows else _Bound(self.model, rows)
+        self._spare = previous if previous is not None else spare
+        self._shrink_in = 0
         self._parity = 0
         self._sampling_dirty = True
         if old is None or self._bound is None:
@@ -164,8 +175,12 @@ class HostSlots:
         occupied = np.flatnonzero(self._used)
         self._rows = int(occupied[-1]) + 1 if len(occupied) else 0
         size = bound_size(self._rows, self.capacity)
-        if size != self._size():
+        if size > self._size() or not self._rows:
             self._rebind(size)
+        elif size < self._size():
+            self._shrink_in = self._shrink_in or SHRINK_AFTER_STEPS
+        else:
+            self._shrink_in = 0
 
     def allocate(self, count: int) -> np.ndarray:
         free = np.flatnonzero(~self._used)
@@ -221,9 +236,13 @@ class HostSlots:
 
     def step(self, tokens: np.ndarray, uniforms: np.ndarray | None = None) -> np.ndarray:
         """One token for every stepped row; the drawn tokens (rows,) are a view, valid until the next step."""
-        bound = self._bound
-        if bound is None:
+        if self._bound is None:
             raise InvalidParameterError("step: no rows; write_rows first")
+        if self._shrink_in:
+            self._shrink_in -= 1
+            if not self._shrink_in:
+                self._rebind(bound_size(self._rows, self.capacity))
+        bound = self._bound
         if self._sampling_dirty:
             bound.greedy[:], bound.inv_temperature[:, 0] = temperature_inputs(self._temperature[: bound.rows])  # padding: greedy
             self._sampling_dirty = False
