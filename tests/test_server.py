@@ -85,6 +85,17 @@ def test_streams_text_and_reports_usage(start_server, char_model_file):
     assert text == local.text
 
 
+def test_the_servers_onnxruntime_threads_stop_spinning_after_each_step_and_the_clis_do_not(start_server, char_model_file):
+    """Spinning threads would take the cores the event loop needs between steps (see
+    SessionOptions.spin_between_runs); decoding alone keeps them spinning for the next step."""
+    key = "session.force_spinning_stop"
+    model = start_server().models[0].model
+    for session in (model.step_session, model.prefill_session, model.run_session):
+        assert session.get_session_options().get_session_config_entry(key) == "1"
+    with pytest.raises(Exception, match=key):  # not set at all
+        RnnModel.load(char_model_file, device="cpu").step_session.get_session_options().get_session_config_entry(key)
+
+
 def test_concurrent_streams_share_steps_and_decode_as_alone(start_server, char_model_file):
     server = start_server()
     engine = server.models[0].scheduler._engines[0]

@@ -120,8 +120,10 @@ class RnngenServer:
             if name in names:
                 raise InvalidParameterError(f"model: two models are named {name!r}; rename one file")
             names.add(name)
-            loaded.append((name, RnnModel.load(path, device=config.device, options=SessionOptions(config.threads),
-                                                 tokenizers=config.tokenizers)))
+            # The decoding threads' onnxruntime threads stop spinning after each step: the event loop
+            # needs the cores between steps (see SessionOptions.spin_between_runs).
+            options = SessionOptions(config.threads, spin_between_runs=False)
+            loaded.append((name, RnnModel.load(path, device=config.device, options=options, tokenizers=config.tokenizers)))
         secret = config.session_secret or secrets.token_bytes(32)
         self.outbox = Outbox(self.loop, config.message_rate)
         self.service = GeneratorService(SessionCodec(secret, config.session_ttl_s), self.metrics, self.outbox,
