@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 from rnngen.decoding.engine import Row
 
-DEFAULT_MESSAGE_RATE = 2000.0  # messages per second, all streams of a server together
+DEFAULT_MESSAGE_RATE = 1000.0  # messages per second, all streams of a server together
 
 
 @dataclass
