@@ -487,6 +487,25 @@ def test_host_slots_step_in_place_until_the_stepped_rows_change(rnn):
     assert not np.shares_memory(first, store.read_logits()) and store.read_logits().shape[0] == 4
 
 
+def _store_with_random_rows(rnn, gen, n: int):
+    """HostSlots holding n rows of random state, and each row's state (the reference to step alone)."""
+    state = _random_state(rnn, gen, n)
+    store = HostSlots(rnn)
+    store.write_rows(store.allocate(n), state)
+    return store, {i: {k: state[k][:, i : i + 1] for k in rnn.state_names} for i in range(n)}
+
+
+def _random_state(rnn, gen, n: int) -> dict:
+    return {k: gen.normal(0, 0.5, v.shape).astype(np.float32) for k, v in rnn.initial_state(n).items()}
+
+
+def _assert_rows_are_their_references(store, reference: dict) -> None:
+    got = store.read_rows(sorted(reference))
+    for j, slot in enumerate(sorted(reference)):
+        for k, value in got.items():
+            np.testing.assert_allclose(value[:, j : j + 1], reference[slot][k], atol=1e-5)
+
+
 def test_host_slots_keep_their_arrays_while_the_top_rows_come_and_go_and_every_row_stays_its_own(rnn):
     """With 40 rows the arrays hold a few padding rows (an eighth of 32 at most): the top row leaving
     and a row joining there re-make nothing, and each row's state steps exactly as it would alone."""
@@ -494,18 +513,14 @@ def test_host_slots_keep_their_arrays_while_the_top_rows_come_and_go_and_every_r
 
     assert [bound_size(n, 1 << 20) for n in (1, 15, 16, 17, 39, 40, 41, 1000)] == [1, 15, 16, 18, 40, 40, 44, 1024]
     gen = np.random.default_rng(5)
-    names = rnn.state_names
-    store = HostSlots(rnn)
-    state = {k: gen.normal(0, 0.5, v.shape).astype(np.float32) for k, v in rnn.initial_state(40).items()}
-    store.write_rows(store.allocate(40), state)
-    reference = {i: {k: state[k][:, i : i + 1] for k in names} for i in range(40)}
+    store, reference = _store_with_random_rows(rnn, gen, 40)
     store.step(np.zeros(40, dtype=np.int64))
     first = store.read_logits()
     for i in range(40):
         _, reference[i] = rnn.step(np.zeros(1, dtype=np.int64), reference[i])
     store.free([39, 38])
     del reference[39], reference[38]
-    joined = {k: gen.normal(0, 0.5, v.shape).astype(np.float32) for k, v in rnn.initial_state(1).items()}
+    joined = _random_state(rnn, gen, 1)
     store.write_rows(store.allocate(1), joined)  # slot 38
     reference[38] = joined
     assert store.rows == 39
@@ -515,10 +530,7 @@ def test_host_slots_keep_their_arrays_while_the_top_rows_come_and_go_and_every_r
         assert np.shares_memory(first, store.read_logits()) and store.read_logits().shape[0] == 39
         for slot in reference:
             _, reference[slot] = rnn.step(tokens[slot : slot + 1], reference[slot])
-    got = store.read_rows(sorted(reference))
-    for j, slot in enumerate(sorted(reference)):
-        for k in names:
-            np.testing.assert_allclose(got[k][:, j : j + 1], reference[slot][k], atol=1e-5)
+    _assert_rows_are_their_references(store, reference)
 
 
 def test_host_slots_reuse_their_arrays_when_the_top_row_comes_and_goes_and_shrink_only_after_a_while(rnn):
@@ -528,11 +540,7 @@ def test_host_slots_reuse_their_arrays_when_the_top_row_comes_and_goes_and_shrin
     from rnngen.model.slots import SHRINK_AFTER_STEPS
 
     gen = np.random.default_rng(6)
-    names = rnn.state_names
-    store = HostSlots(rnn)
-    state = {k: gen.normal(0, 0.5, v.shape).astype(np.float32) for k, v in rnn.initial_state(32).items()}
-    store.write_rows(store.allocate(32), state)
-    reference = {i: {k: state[k][:, i : i + 1] for k in names} for i in range(32)}
+    store, reference = _store_with_random_rows(rnn, gen, 32)
 
     def step():
         tokens = gen.integers(0, rnn.config.vocab_size, store.rows)
@@ -544,7 +552,7 @@ def test_host_slots_reuse_their_arrays_when_the_top_row_comes_and_goes_and_shrin
     small = step()
     arrays = {id(small.base)}
     for _ in range(3):
-        joined = {k: gen.normal(0, 0.5, v.shape).astype(np.float32) for k, v in rnn.initial_state(1).items()}
+        joined = _random_state(rnn, gen, 1)
         store.write_rows(store.allocate(1), joined)  # slot 32: a 33rd row
         reference[32] = joined
         large = step()
@@ -556,10 +564,7 @@ def test_host_slots_reuse_their_arrays_when_the_top_row_comes_and_goes_and_shrin
     for _ in range(SHRINK_AFTER_STEPS - 2):
         assert step().base is not small.base  # still the larger arrays
     assert np.shares_memory(step(), small)  # the 32-row arrays again, reused
-    got = store.read_rows(sorted(reference))
-    for j, slot in enumerate(sorted(reference)):
-        for k in names:
-            np.testing.assert_allclose(got[k][:, j : j + 1], reference[slot][k], atol=1e-5)
+    _assert_rows_are_their_references(store, reference)
 
 
 def test_a_copied_generator_draws_what_the_original_draws_and_moves_on_its_own():
