@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import re
 import statistics
 import subprocess
@@ -37,18 +38,20 @@ sys.path.insert(0, str(ROOT))
 
 
 def start_server(model: str, device: str, per_stream: bool, max_active: int, threads: int,
-                 extra: tuple[str, ...] = ()) -> tuple[subprocess.Popen, int]:
+                 extra: tuple[str, ...] = (), tree: Path = ROOT) -> tuple[subprocess.Popen, int]:
+    """`rnngen serve` on a free port, run from checkout `tree` (its own rnngen package)."""
     cmd = [sys.executable, "-m", "rnngen", "serve", "-m", model, "--port", "0", "--device", device,
            "--max-active", str(max_active), "--max-queued", str(max_active), "--grace", "1", "--threads", str(threads),
            *extra]
     if per_stream:
         cmd.append("--per-stream")
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT)
+    env = dict(os.environ, PYTHONPATH=str(tree))
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=tree, env=env)
     line = proc.stdout.readline()
     match = re.search(r":(\d+) \(", line)
     if not match:
         proc.kill()
-        raise SystemExit(f"server did not start: {line!r}")
+        raise SystemExit(f"server from {tree} did not start: {line!r}")
     return proc, int(match.group(1))
 
 

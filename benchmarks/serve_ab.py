@@ -18,31 +18,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import re
 import shlex
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from serve import run_streams  # noqa: E402  (this directory's serve.py)
-
-
-def start(tree: Path, model: str, extra: list[str]) -> tuple[subprocess.Popen, int]:
-    """A server from `tree` (its own rnngen package) on a free port."""
-    cmd = [sys.executable, "-m", "rnngen", "serve", "-m", model, "--port", "0", "--max-active", "1024",
-           "--max-queued", "1024", "--grace", "1", *extra]
-    env = dict(os.environ, PYTHONPATH=str(tree))
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=tree, env=env)
-    line = proc.stdout.readline()
-    match = re.search(r":(\d+) \(", line)
-    if not match:
-        proc.kill()
-        raise SystemExit(f"server from {tree} did not start: {line!r}")
-    return proc, int(match.group(1))
+from serve import run_streams, start_server  # noqa: E402  (this directory's serve.py)
 
 
 def cpu_seconds(pid: int) -> float:
@@ -69,7 +53,7 @@ def main() -> None:
     servers = []
     try:
         for tree, extra in zip(trees, extras):
-            servers.append(start(tree, args.model, extra))
+            servers.append(start_server(args.model, "cpu", False, 1024, 0, tuple(extra), tree))
         for _, port in servers:  # warm-up
             asyncio.run(run_streams(port, min(args.streams, 16), 20))
         rates: tuple[list, list] = ([], [])
