@@ -37,6 +37,7 @@ def cpu_seconds(pid: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=str(ROOT / "exported" / "lstm.onnx"))
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
     parser.add_argument("--a-tree", type=Path, default=ROOT, help="checkout server A runs from (default: this one)")
     parser.add_argument("--b-tree", type=Path, default=ROOT, help="checkout server B runs from (default: this one)")
     parser.add_argument("--a-args", default="", help="extra `rnngen serve` arguments for A")
@@ -53,7 +54,7 @@ def main() -> None:
     servers = []
     try:
         for tree, extra in zip(trees, extras):
-            servers.append(start_server(args.model, "cpu", False, 1024, 0, tuple(extra), tree))
+            servers.append(start_server(args.model, args.device, False, 1024, 0, tuple(extra), tree))
         for _, port in servers:  # warm-up
             asyncio.run(run_streams(port, min(args.streams, 16), 20))
         rates: tuple[list, list] = ([], [])

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from rnngen.decoding.params import GenerationParams
+from rnngen.decoding.random_streams import generator_at
 from rnngen.decoding.stops import StopStringFilter
 
 HISTORY_WINDOW = 1024  # tokens a row remembers (prompt and output) for n-gram bans and processors
@@ -32,13 +33,6 @@ def resolve_seed(seed: int | None) -> int:
 def row_generator(seed: int, index: int) -> np.random.Generator:
     """Sample `index` of a request draws from its own stream: the same text alone or in any batch."""
     return np.random.default_rng([seed, index])
-
-
-def generator_from_state(state: dict) -> np.random.Generator:
-    """A generator at the position a snapshot recorded (numpy PCG64 state)."""
-    bit_generator = np.random.PCG64()
-    bit_generator.state = state
-    return np.random.Generator(bit_generator)
 
 
 @dataclass
@@ -119,7 +113,7 @@ class Row:
             seen = set(snapshot.seen if snapshot.seen is not None else snapshot.window)
         if _uses_counts(params):
             counts = dict(snapshot.counts or {})
-        return cls(params, generator_from_state(snapshot.rng_state), decoder, stops,
+        return cls(params, generator_at(snapshot.rng_state), decoder, stops,
                    deque(snapshot.window, maxlen=HISTORY_WINDOW), seen, counts,
                    generated_before=snapshot.generated, _last_token=snapshot.pending_token,
                    _logprob=snapshot.logprob, **kw)

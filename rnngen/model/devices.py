@@ -86,7 +86,8 @@ class SessionOptions:
     # onnxruntime's intra-op threads spin for a while after a run, ready for the next. Best when
     # runs come back to back (the CLI decoding: stopping them made a batch-1 step 1.3x slower on
     # 2 cores); a server turns it off, since its event loop needs the cores between two steps
-    # (benchmarks/README.md: 10-20% more tokens/s, a fifth less CPU per token, on 2 cores).
+    # (benchmarks/README.md, 2 cores: a fifth less CPU per token; 10% more tokens/s at 64 streams,
+    # within the comparison's noise, 21% at 256).
     spin_between_runs: bool = True
 
 

@@ -117,7 +117,7 @@ def add_sampling_head(step: onnx.ModelProto, vocab_size: int, logits_name: str =
 
     Built from few and cheap kernels (measured on onnxruntime's CPU provider: at batch 64,
     ReduceLogSumExp and an int64 ReduceSum took 5-30x longer than the float ReduceMax/ReduceSum and
-    Exp used here; at batch 1 each node costs about 2 us whatever it does).
+    Exp used here; at batch 1 each node costs 1-2 us whatever it does).
     """
     model = onnx.ModelProto()
     model.CopyFrom(step)
