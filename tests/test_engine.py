@@ -567,6 +567,55 @@ def test_host_slots_reuse_their_arrays_when_the_top_row_comes_and_goes_and_shrin
     _assert_rows_are_their_references(store, reference)
 
 
+def test_host_slots_keep_the_arrays_of_every_size_they_left_within_their_budget(rnn, monkeypatch):
+    """A burst of streams ramps the rows up through the same sizes each time: the arrays left at
+    each size are kept (by size, within SPARE_BYTES) and bound again when the rows come back to it;
+    over the budget the least recently left go first. Every row steps as it would alone."""
+    import rnngen.model.slots as slots
+
+    gen = np.random.default_rng(7)
+    store, reference = _store_with_random_rows(rnn, gen, 4)
+
+    def step():
+        tokens = gen.integers(0, rnn.config.vocab_size, store.rows)
+        store.step(tokens)
+        for slot in reference:
+            _, reference[slot] = rnn.step(tokens[slot : slot + 1], reference[slot])
+        return store.read_logits().base
+
+    def ramp(sizes):
+        """Rows join up to each size in turn, then all but the first four leave (arrays shrink back)."""
+        seen = {}
+        for n in sizes:
+            new = store.allocate(n - store.rows)
+            joined = _random_state(rnn, gen, len(new))
+            store.write_rows(new, joined)
+            for j, slot in enumerate(new.tolist()):
+                reference[slot] = {k: v[:, j : j + 1] for k, v in joined.items()}
+            seen[n] = step()
+        leaving = [s for s in sorted(reference) if s >= 4]
+        store.free(leaving)
+        for s in leaving:
+            del reference[s]
+        for _ in range(slots.SHRINK_AFTER_STEPS):
+            step()
+        return seen
+
+    first = ramp([8, 12, 16])
+    again = ramp([8, 12, 16])
+    assert all(again[n] is first[n] for n in first)  # each size's arrays bound again, none re-made
+    _assert_rows_are_their_references(store, reference)
+
+    sizes = {n: slots._Bound(rnn, n).nbytes for n in (4, 8, 12, 16)}
+    monkeypatch.setattr(slots, "SPARE_BYTES", sizes[8] + sizes[12] + sizes[16] - 1)  # one short of all three
+    third = ramp([8, 12, 16])
+    assert third[8] is first[8]
+    fourth = ramp([8, 12, 16])
+    assert fourth[8] is not first[8]  # left longest ago when the budget ran short: gone, made anew
+    assert fourth[16] is third[16]
+    _assert_rows_are_their_references(store, reference)
+
+
 def test_a_copied_generator_draws_what_the_original_draws_and_moves_on_its_own():
     from rnngen.decoding.random_streams import copy_generator
 

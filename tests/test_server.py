@@ -406,6 +406,31 @@ def test_metrics_endpoint(start_server):
         assert name in body
 
 
+
+def test_load_and_token_metrics_follow_every_change_per_model():
+    """The scheduler reports load and tokens after every step; the gauges are set only when a value
+    changed, and each model keeps its own series."""
+    from prometheus_client import generate_latest
+
+    from rnngen.serving.metrics import ServerMetrics
+
+    metrics = ServerMetrics()
+
+    def sample(name: str, model: str) -> float:
+        match = re.search(rf'{name}\{{model="{model}"\}} (\S+)', generate_latest(metrics.registry).decode())
+        return float(match.group(1))
+
+    for active, queued in ((3, 1), (3, 1), (5, 0), (0, 0)):
+        metrics.load("a", active, queued)
+        assert (sample("rnngen_active_streams", "a"), sample("rnngen_queued_requests", "a")) == (active, queued)
+    metrics.load("b", 7, 2)
+    metrics.load("a", 0, 0)
+    assert sample("rnngen_active_streams", "b") == 7 and sample("rnngen_active_streams", "a") == 0
+    for n in (4, 5):
+        metrics.tokens("a", n)
+    metrics.tokens("b", 1)
+    assert sample("rnngen_generated_tokens_total", "a") == 9 and sample("rnngen_generated_tokens_total", "b") == 1
+
 def rss_mb():
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e6

@@ -11,6 +11,7 @@ protocol, so the state can live on the host (`HostSlots`, here) or on a device
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Protocol
 
 import numpy as np
@@ -80,6 +81,8 @@ class _Bound:
         self.logits = np.zeros((rows, 1, cfg.vocab_size), np.float32)
         self.next_token = np.zeros(rows, np.int64)
         self.log_z = np.zeros(rows, np.float32)
+        self.nbytes = sum(a.nbytes for a in (*self.state[0].values(), *self.state[1].values(), self.tokens, self.uniform,
+                                             self.inv_temperature, self.greedy, self.logits, self.next_token, self.log_z))
         inputs = {TOKENS: self.tokens, SAMPLE_UNIFORM: self.uniform, SAMPLE_INV_TEMPERATURE: self.inv_temperature,
                   SAMPLE_GREEDY: self.greedy}
         outputs = {LOGITS: self.logits, NEXT_TOKEN: self.next_token, LOG_Z: self.log_z}
@@ -96,6 +99,10 @@ class _Bound:
 
 
 SHRINK_AFTER_STEPS = 16  # steps the rows must fit smaller arrays before they move there
+# Arrays left behind are kept for reuse, by size, up to this many bytes (least recently left go first):
+# a server's load moves through the same sizes again and again (each burst of streams ramps up
+# through them), and a new pair of bindings costs about 1 ms, the step after it more.
+SPARE_BYTES = 32 << 20
 
 
 def bound_size(rows: int, capacity: int) -> int:
@@ -117,7 +124,8 @@ class HostSlots:
     but shrink only once the rows have fit the smaller size for SHRINK_AFTER_STEPS steps, and the
     arrays last left are kept for reuse: in a server, where a stream ending and the next one
     joining move the top row back and forth across a size, binding new arrays (about 1 ms each
-    time) would otherwise come with almost every join and leave.
+    time) would otherwise come with almost every join and leave. More generally, arrays left at any
+    size are kept, by size, up to SPARE_BYTES, so a load that comes back to a size finds them bound.
     `capacity` (the slots the engine keeps records for) grows in powers of two up to
     `max_capacity` (None: no limit).
     """
@@ -132,7 +140,7 @@ class HostSlots:
         self._temperature = np.zeros(0, dtype=np.float32)
         self._rows = 0
         self._bound: _Bound | None = None
-        self._spare: _Bound | None = None  # the arrays bound before the current ones, for reuse
+        self._spares: OrderedDict[int, _Bound] = OrderedDict()  # arrays left behind, by rows, oldest first
         self._shrink_in = 0  # steps left before the arrays shrink to the rows' size (0: not due)
         self._parity = 0  # which of the bound state sets holds the current state
         self._sampling_dirty = True  # the bound temperatures are to be rewritten before the next step
@@ -153,9 +161,10 @@ class HostSlots:
     def _rebind(self, rows: int, order: np.ndarray | None = None) -> None:
         """Arrays for `rows` stepped rows; row i takes the current row order[i] (default: row i, as far as both have)."""
         old = self._state() if self._bound is not None else None
-        previous, spare = self._bound, self._spare
-        self._bound = None if not rows else spare if spare is not None and spare.rows == rows else _Bound(self.model, rows)
-        self._spare = previous if previous is not None else spare
+        previous = self._bound
+        self._bound = (self._spares.pop(rows, None) or _Bound(self.model, rows)) if rows else None
+        if previous is not None:
+            self._keep_spare(previous)
         self._shrink_in = 0
         self._parity = 0
         self._sampling_dirty = True
@@ -165,6 +174,13 @@ class HostSlots:
             order = np.arange(min(rows, next(iter(old.values())).shape[1]))
         for k, v in self._state().items():
             v[:, : len(order)] = old[k][:, order]
+
+    def _keep_spare(self, bound: _Bound) -> None:
+        """Keep arrays left behind for reuse, within SPARE_BYTES (the least recently left go first)."""
+        self._spares[bound.rows] = bound
+        total = sum(b.nbytes for b in self._spares.values())
+        while total > SPARE_BYTES and len(self._spares) > 1:
+            total -= self._spares.popitem(last=False)[1].nbytes
 
     def _size(self) -> int:
         return self._bound.rows if self._bound is not None else 0

@@ -29,6 +29,8 @@ class ServerMetrics:
                                          ["model"], registry=r)
         self.prefix_cache_bytes = Gauge("rnngen_prefix_cache_bytes", "Bytes of states and logits in the prefix cache",
                                         ["model"], registry=r)
+        self._last_load: dict[str, tuple[int, int]] = {}  # per model: the gauges' values, set only when they change
+        self._generated_of: dict = {}  # per model: its labelled counter (the label lookup costs more than the increment)
         self.wait = Histogram("rnngen_queue_wait_seconds", "From the request accepted (before its prefill) to joining the batch", buckets=LATENCY_BUCKETS, registry=r)
 
     def serve_http(self, port: int, host: str = "127.0.0.1"):
@@ -36,12 +38,18 @@ class ServerMetrics:
         return start_http_server(port, addr=host, registry=self.registry)
 
     # Hooks called by the scheduler and the servicer.
+    # load and tokens run on a decoding thread after every step: cheap when nothing changed.
     def load(self, model: str, active: int, queued: int) -> None:
-        self.active.labels(model).set(active)
-        self.queued.labels(model).set(queued)
+        if self._last_load.get(model) != (active, queued):
+            self._last_load[model] = (active, queued)
+            self.active.labels(model).set(active)
+            self.queued.labels(model).set(queued)
 
     def tokens(self, model: str, n: int) -> None:
-        self.generated.labels(model).inc(n)
+        counter = self._generated_of.get(model)
+        if counter is None:
+            counter = self._generated_of[model] = self.generated.labels(model)
+        counter.inc(n)
 
     def queue_wait(self, seconds: float) -> None:
         self.wait.observe(seconds)
