@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from rnngen.decoding.engine import BatchState, DecodeEngine
+from rnngen.decoding.engine import WINDOW, BatchState, DecodeEngine
 from rnngen.decoding.rows import Row, row_generator
 from rnngen.decoding.generation import generate
 from rnngen.decoding.logits import RowParams, apply_penalties, banned_by_ngrams, draw, filtered_weights
@@ -431,6 +431,60 @@ def test_step_texts_read_in_bulk_are_the_updates_texts(kind, char_model_file, by
         assert text == row.text
         full = tok.decode(tokens[row.tag])
         assert text == (full[: full.index("e")] if row.tag == 1 and "e" in full else full)
+
+
+@pytest.mark.parametrize("kind", ["char", "byte"])
+def test_text_taken_now_and_then_is_the_text_read_from_every_update(kind, char_model_file, byte_model_file):
+    """A reader that takes each step's `made` texts, its new rows' first tokens (`unread(rows)`), one
+    row's text at every step (`read`) and everyone else's only now and then (`unread()`, at irregular
+    gaps, once longer than the engine keeps unread text for) gets, row by row, the text and the
+    token ids that reading every update gives: with a byte model's characters split across reads,
+    a row with stop strings, rows joining and finishing at other steps."""
+    model = RnnModel.load(char_model_file if kind == "char" else byte_model_file, device="cpu")
+    tok = model.tokenizer
+    every, sometimes = DecodeEngine(model), DecodeEngine(model)
+    want = {}  # tag -> (texts, tokens) read from every update
+    got = {}  # tag -> (texts, tokens) taken the other way
+    gen = np.random.default_rng(4)
+
+    def join(tag, max_new_tokens=60, **kw):
+        ids = tok.encode("to be é " if kind == "byte" else "to be ")
+        params = GenerationParams(max_new_tokens=max_new_tokens, seed=tag, temperature=1.5, **kw)
+        for engine in (every, sometimes):
+            engine.add([make_row(model, ids, params, tag)], *engine.prefill(ids))
+        return [r for r in sometimes.rows if r.tag == tag]
+
+    def take(table, tag, text, ids):
+        texts, tokens = table.setdefault(tag, ([], []))
+        texts.append(text)
+        tokens.extend(ids)
+
+    joined = [r for tag in range(4) for r in join(tag, stop=("ab", "e") if tag == 1 else ())]
+    joined += join(5, max_new_tokens=WINDOW)  # unread for longer than half the window: the step makes it
+    next_take = 3
+    while len(every) or len(sometimes):
+        step = every._steps
+        if step == 9:
+            joined += join(10)
+        a, b = every.step(), sometimes.step()
+        for u in a:
+            take(want, u.row.tag, u.text, [u.token])
+        made = b.made
+        each = [i for i, row in enumerate(b.rows) if row.tag == 3 and i not in made]
+        made.update(b.read(each))  # row 3: read at every step
+        for i, (text, ids) in made.items():
+            take(got, b.rows[i].tag, text, ids)
+        for row, text, ids in sometimes.unread(joined):
+            take(got, row.tag, text, ids)
+        joined = []
+        if step == next_take and step < 100 or step == WINDOW - 20:
+            for row, text, ids in sometimes.unread():
+                take(got, row.tag, text, ids)
+            next_take = step + int(gen.integers(1, 9))
+    assert got.keys() == want.keys() and len(got) == 6
+    for tag, (texts, tokens) in want.items():
+        assert "".join(got[tag][0]) == "".join(texts)
+        assert got[tag][1] == tokens
 
 
 def test_step_texts_after_skipped_steps_carry_the_unread_text(rnn):

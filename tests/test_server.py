@@ -545,6 +545,54 @@ def test_a_fast_stream_arrives_in_coalesced_messages_with_the_same_text(start_se
     assert "".join(m.text for m in messages) == generate(RnnModel.load(char_model_file, device="cpu"), "the ", params).text
 
 
+@pytest.mark.parametrize("kind", ["char", "byte"])
+def test_concurrent_streams_token_ids_and_text_add_up_message_by_message(kind, start_server, char_model_file,
+                                                                           byte_model_file):
+    """Text is made when it is collected (every interval), not at each step: every stream's token ids add
+    up to its tokens, each message's text is what its ids decode to (a byte model's split
+    characters carried to the next message), and the text is the text decoded alone."""
+    path = char_model_file if kind == "char" else byte_model_file
+    server = start_server(models=path, message_rate=2000.0)
+    local = RnnModel.load(path, device="cpu")
+    jobs = [GenerationParams(max_new_tokens=100 + 37 * s, seed=s, temperature=1.3) for s in range(8)]
+    results = [None] * len(jobs)
+
+    def run(i):
+        with client_for(server) as client:
+            results[i] = list(client.generate("to be é" if kind == "byte" else "to be ", params=jobs[i],
+                                              return_token_ids=True))
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(jobs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    for params, messages in zip(jobs, results):
+        ids = [t for m in messages for t in m.token_ids]
+        assert len(ids) == params.max_new_tokens == messages[-1].usage.completion_tokens
+        assert len(messages) > 2  # coalesced, and more than a first and a last message
+        decoder = local.tokenizer.stream_decoder()
+        for m in messages:
+            assert m.text == "".join(decoder.push(t) for t in m.token_ids) + (decoder.flush() if m.finish_reason else "")
+        prompt = "to be é" if kind == "byte" else "to be "
+        assert "".join(m.text for m in messages) == generate(local, prompt, params).text
+
+
+def test_between_collections_a_streams_text_is_not_made_step_by_step(start_server):
+    """With a collection every 2 s, a lone stream's tokens are decoded by the steps but its text
+    waits for the next one: made once per collection for every row, not once per step."""
+    server = start_server(message_rate=0.5)
+    engine = server.models[0].scheduler._engines[0]
+    with client_for(server) as client:
+        collect(client.generate("a", params=GenerationParams(max_new_tokens=5)))  # a collection now: the next in 2 s
+        stream = client.generate("the ", params=GenerationParams(max_new_tokens=100_000, seed=2))
+        first = next(stream)  # its first token, sent at once
+        assert len(first.text) == 1
+        assert wait_until(lambda: engine._a["count"][0] > 200, timeout=10)
+        assert engine._a["decoded"][0] <= 1  # 200 steps, no text made since the first token
+        stream.cancel()
+
+
 def test_a_streams_first_text_and_its_end_do_not_wait_for_the_flush_timer(start_server, char_model_file):
     """With one flush every 2 s, a short stream still gets its first text and its last message at
     once; the tokens between them wait for the timer and come coalesced."""

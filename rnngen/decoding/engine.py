@@ -107,9 +107,11 @@ class StepUpdates:
     """
 
     def __init__(self, engine: "DecodeEngine", rows: np.ndarray, slots: np.ndarray, tokens: np.ndarray,
-                 finished: np.ndarray, counts: np.ndarray | None, texts: dict, details: dict, errors: dict):
+                 finished: np.ndarray, counts: np.ndarray | None, texts: dict, details: dict, errors: dict,
+                 made_ids: dict | None = None):
         self.engine, self.rows, self.slots, self.tokens, self.finished = engine, rows, slots, tokens, finished
         self._counts, self._texts, self._details, self._errors = counts, texts, details, errors
+        self._made_ids = made_ids or {}  # position -> ids of the tokens the step made _texts[position] of
         self._step = engine._steps  # with counts None: a row's count then is its count now minus the steps since
         self._count_list: list[int] | None = None
         self._made: dict[int, RowUpdate] = {}
@@ -155,6 +157,24 @@ class StepUpdates:
         `errors` are dicts by position."""
         texts = self._kept_up_texts()
         return texts if texts is not None else [update.text for update in self]
+
+    @property
+    def made(self) -> dict[int, tuple[str, list[int]]]:
+        """The texts this step made, by position, with the ids of the tokens each is made of: rows
+        with stop strings (every step), rows whose unread text was due, rows that finished (their
+        last text). A reader that takes text now and then (DecodeEngine.unread: a server) rather
+        than from every update takes these from each step: nothing else makes them again."""
+        return {i: (text, self._made_ids.get(i, [])) for i, text in self._texts.items()}
+
+    def read(self, positions) -> dict[int, tuple[str, list[int]]]:
+        """Text and token ids of these rows made now, up to this step (rows still decoding, and not
+        in `made`): for a reader that takes most rows' text now and then but these at every step."""
+        engine, counts, out = self.engine, self._counts_now(), {}
+        for i in positions:
+            row, ids = self.rows[i], []
+            text = engine._decode(row.slot, counts[i], ids) if row.engine is engine else ""
+            out[i] = (text, ids)
+        return out
 
     @property
     def details(self) -> dict:
@@ -351,6 +371,23 @@ class DecodeEngine:
         if decode:
             self._decode(slot)
 
+    def unread(self, rows: list[Row] | None = None) -> list[tuple[Row, str, list[int]]]:
+        """Every row's tokens whose text nobody has made yet (neither read in an update nor made by
+        a step: see StepUpdates.made), as (row, their text, their ids), made now. A reader that
+        takes text now and then instead of from every update (a server) calls this when it wants
+        it; `rows`: only these rows (those of them still in this engine)."""
+        a = self._a
+        if rows is None:
+            slots = np.flatnonzero(self._used) if self._dirty else self._live
+        else:
+            slots = np.array([row.slot for row in rows if row.engine is self], dtype=np.int64)
+        out = []
+        for slot in slots[a["count"][slots] > a["decoded"][slots]].tolist():
+            ids: list[int] = []
+            text = self._decode(slot, ids=ids)
+            out.append((self._row_at[slot], text, ids))
+        return out
+
     def interrupt(self, resumable: bool) -> None:
         """Every row leaves after its next token, its text unflushed (FINISH_INTERRUPTED); with
         `resumable` its state is kept, so that its session continues elsewhere (a server draining)."""
@@ -410,30 +447,32 @@ class DecodeEngine:
             finished[:] = True
             self._interrupting = False
         texts: dict[int, str] = {}
+        made_ids: dict[int, list[int]] = {}  # the tokens each text made here is made of (StepUpdates.made)
         for i in self._stop_positions:  # rows with stop strings see their text every step
             if ok[i]:
-                texts[i] = self._decode(live[i])
+                texts[i] = self._decode(live[i], ids=made_ids.setdefault(i, []))
                 finished[i] |= self._row_at[live[i]].stops.stopped
         if self._decode_due <= 0:
             # Text nobody read is made before the window forgets its tokens (it comes with this update).
             counts = a["count"][live] if counts is None else counts
             behind = counts - a["decoded"][live]
             for i in np.flatnonzero(behind >= WINDOW // 2).tolist():
-                texts[i] = texts.get(i, "") + self._decode(live[i])
+                texts[i] = texts.get(i, "") + self._decode(live[i], ids=made_ids.setdefault(i, []))
                 behind[i] = 0
             self._decode_due = WINDOW // 2 - int(behind.max())
         errors = {}
         if finished is not self._none_finished:
             ends = np.flatnonzero(finished)
             if len(ends):
-                self._finish(live, ends, ok, texts, errors)
+                self._finish(live, ends, ok, texts, errors, made_ids)
         self._steps += 1
-        updates = StepUpdates(self, self._live_rows, live, tokens, finished, counts, texts, details, errors)
+        updates = StepUpdates(self, self._live_rows, live, tokens, finished, counts, texts, details, errors, made_ids)
         if self._n:
             self._run_model()
         return updates
 
-    def _finish(self, live: np.ndarray, ends: np.ndarray, ok: np.ndarray, texts: dict, errors: dict) -> None:
+    def _finish(self, live: np.ndarray, ends: np.ndarray, ok: np.ndarray, texts: dict, errors: dict,
+                made_ids: dict) -> None:
         """Finished rows: their last text (flushed unless they will be resumed), state kept if asked, slots freed."""
         a = self._a
         slots = live[ends]
@@ -445,7 +484,7 @@ class DecodeEngine:
         for i in ends.tolist():
             slot = int(live[i])
             row = self._row_at[slot]
-            text = texts.get(i, "") + self._decode(slot)
+            text = texts.get(i, "") + self._decode(slot, ids=made_ids.setdefault(i, []))
             if not ok[i]:
                 row.finish_reason = FINISH_ERROR
                 errors[i] = row.error
@@ -734,8 +773,9 @@ class DecodeEngine:
         written, shift = int(self._a["written"][slot]), int(self._a["shift"][slot])
         return self._ring[slot, (np.arange(max(written - WINDOW, 0), written) + shift) % WINDOW]
 
-    def _decode(self, slot: int, upto: int | None = None) -> str:
-        """The text of the slot's generated tokens not yet decoded (up to token `upto`), into its row."""
+    def _decode(self, slot: int, upto: int | None = None, ids: list | None = None) -> str:
+        """The text of the slot's generated tokens not yet decoded (up to token `upto`), into its row
+        (and their ids onto `ids`, when given)."""
         a = self._a
         count = int(a["count"][slot])
         upto = count if upto is None else int(upto)
@@ -744,11 +784,16 @@ class DecodeEngine:
             return ""
         row = self._row_at[slot]
         end = int(a["written"][slot]) - (count - upto) + int(a["shift"][slot])  # past the last token's column
-        if upto - done == 1:  # a reader that keeps up (a server): one token, no index array
-            text = row.decoder.push(int(self._ring[slot, (end - 1) % WINDOW]))
+        if upto - done == 1:  # a reader that keeps up: one token, no index array
+            token = int(self._ring[slot, (end - 1) % WINDOW])
+            text = row.decoder.push(token)
+            if ids is not None:
+                ids.append(token)
         else:
             tokens = self._ring[slot, np.arange(end - (upto - done), end) % WINDOW].tolist()
             text = "".join(row.decoder.push(t) for t in tokens)
+            if ids is not None:
+                ids.extend(tokens)
         text = row.stops.push(text)
         a["decoded"][slot] = upto
         row.add_text(text)

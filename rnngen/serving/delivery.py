@@ -1,20 +1,28 @@
-"""Coalesced delivery: decoding threads post each step's updates, the event loop sends them in batches.
+"""Coalesced delivery: decoding threads hand over streams' text now and then, the event loop sends it.
 
-A decoding thread appends a step's text to each stream's pending buffer (one lock
-taken per step, not per stream) and marks the stream dirty. The event loop
-flushes on a timer: a flush wakes every dirty stream's handler once, and the
-handler sends everything that stream accumulated since its last message as one
-message. A handler still busy writing (a client not yet ready) is woken again
-by the next flush or takes the backlog as soon as its write completes, so a
-slow reader gets fewer, larger messages and never holds up the others.
+Text is made from token ids when it is delivered, not at every step. About every
+`interval` seconds a decoding thread collects: it makes the text of every row's
+tokens since its last collection (`DecodeEngine.unread`: one pass over its rows
+per collection, not per step) into each stream's pending buffer, under one lock,
+and hands one flush to the event loop, which wakes the handler of every stream
+with news; each handler sends everything its stream accumulated since its last
+message as one message. A handler still busy writing (a client not yet ready)
+takes the backlog as soon as its write completes, so a slow reader gets fewer,
+larger messages and never holds up the others.
 
-The flush interval is `open streams / message_rate` seconds: the server's total
+What cannot wait for a collection comes with each step (`post`, a few rows at
+most): a stream's first token and its end wake its handler at once (so time to
+first token and to the last message carry no collection delay; each happens
+once per stream, so the rate stays bounded); the text a step made anyway (rows
+with stop strings, which see their text every step, and finished rows) and
+introspection details, read with their tokens so that a message's details and
+token ids stay aligned, go out with the next collection.
+
+The interval is `open streams / message_rate` seconds: the server's total
 message rate stays near `message_rate` however many streams run and however
-fast they decode, while a lone stream is flushed every 1/message_rate seconds
-(feels live). A stream's first text and its end do not wait for the timer:
-the handler is woken as soon as they are posted (each happens once per stream,
-so the rate stays bounded), so time to first token and to the last message
-carry no flush delay. Nothing runs per stream per token on the event loop.
+fast they decode, while a lone stream gets a message every 1/message_rate
+seconds (feels live). Nothing runs per stream per token on the event loop, nor
+per stream per step on the decoding thread.
 """
 
 from __future__ import annotations
@@ -23,6 +31,8 @@ import asyncio
 import threading
 import time
 from dataclasses import dataclass, field
+
+import numpy as np
 
 from rnngen.decoding.engine import Row
 
@@ -52,49 +62,67 @@ class Stream:
     enqueued_at: float = field(default_factory=time.perf_counter)
     pending: Pending = field(default_factory=Pending)  # guarded by the outbox's lock
     wake: asyncio.Event | None = None  # set by a flush; the handler waits on it
-    posted: bool = False  # an update has been posted (its first one is sent without waiting for a flush)
 
 
 class Outbox:
-    """The hand-over between decoding threads (post) and the event loop (flush, take)."""
+    """The hand-over between decoding threads (post, collect, end) and the event loop (flush, take)."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, message_rate: float = DEFAULT_MESSAGE_RATE):
         self.loop = loop
         self.message_rate = message_rate
         self.open_streams = 0  # streams with a live handler; touched on the loop only
         self._lock = threading.Lock()
-        self._dirty: dict[Stream, None] = {}  # an ordered set: streams with news since the last flush
-        self._armed = False  # a flush is scheduled (at most one hand-over to the loop per flush)
+        self._dirty: dict[Stream, None] = {}  # an ordered set: streams with news not handed to their handler yet
+        self._armed = False  # a flush is handed to the loop (at most one at a time)
         self._urgent: list[Stream] = []  # streams whose first text or end is in: woken without waiting
         self._urgent_armed = False
-        self._last_flush = 0.0
+
+    @property
+    def interval(self) -> float:
+        """Seconds between two collections of a decoding thread (read there; open_streams is an int)."""
+        return max(self.open_streams, 1) / self.message_rate
 
     # -- decoding threads ---------------------------------------------------------------------
 
-    def post(self, updates) -> None:
-        """One step's StepUpdates (their rows are tagged with their Stream)."""
-        texts = updates.texts()  # made before the lock is taken
+    def post(self, updates, first: list | None = None) -> None:
+        """What of one step's StepUpdates cannot wait for the next collection (their rows are tagged
+        with their Stream): texts the step made, ends, errors, introspection details with their
+        tokens, and the first tokens of the rows in `first` (rows that joined before this step)."""
+        made = updates.made
+        details = updates.details
+        if details:  # introspecting rows: their text and ids with their details, step by step
+            made.update(updates.read([i for i in details if i not in made]))
+        ends = np.flatnonzero(updates.finished).tolist() if updates.finished.any() else ()
+        # New rows still decoding here (one that finished at once is among the ends; a stop-string
+        # row's first text is in made already, and unread has nothing more of it).
+        first = [row for row in first if row.engine is updates.engine] if first else ()
+        firsts = updates.engine.unread(first) if first else ()
+        rows = updates.rows
         with self._lock:
-            dirty = self._dirty
-            for row, token, text, finished in zip(updates.rows, updates.tokens.tolist(), texts, updates.finished.tolist()):
-                stream = row.tag
-                p = stream.pending
-                p.count += 1
-                if text:
-                    p.texts.append(text)
-                if stream.want_tokens:
-                    p.tokens.append(token)
-                if finished:
-                    p.ended = True
-                if finished or not stream.posted:  # its first text or its end: sent without waiting
-                    stream.posted = True
-                    self._urgent.append(stream)
-                dirty[stream] = None
-            for i, details in updates.details.items():  # only rows that asked for details (introspect)
-                updates.rows[i].tag.pending.details.append(details)
+            for i, (text, ids) in made.items():
+                self._add(rows[i].tag, text, ids)
+            for i, d in details.items():
+                rows[i].tag.pending.details.append(d)
             for i, error in updates.errors.items():
-                updates.rows[i].tag.pending.error = error
+                rows[i].tag.pending.error = error
+            for i in ends:  # its end: sent without waiting
+                stream = rows[i].tag
+                stream.pending.ended = True
+                self._urgent.append(stream)
+            for row, text, ids in firsts:
+                self._add(row.tag, text, ids)
+            if first:  # their first text: sent without waiting
+                self._urgent.extend(row.tag for row in first)
             self._arm_locked()
+
+    def collect(self, unread) -> None:
+        """Rows' text since their last collection, (row, text, ids) each (DecodeEngine.unread), from a
+        decoding thread every `interval`: every stream with news is woken (these, and those of
+        texts posted since the last collection)."""
+        with self._lock:
+            for row, text, ids in unread:
+                self._add(row.tag, text, ids)
+            self._arm_locked(flush=True)
 
     def end(self, streams, error: Exception | None = None) -> None:
         """These streams end now (cancelled, failed or refused), with `error` as their status if given."""
@@ -103,30 +131,29 @@ class Outbox:
                 stream.pending.ended = True
                 if error is not None and stream.pending.error is None:
                     stream.pending.error = error
-                self._dirty[stream] = None
                 self._urgent.append(stream)
             self._arm_locked()
 
-    def _arm_locked(self) -> None:
+    def _add(self, stream: Stream, text: str, ids: list[int]) -> None:
+        """Text made of `ids` into the stream's buffer (under the lock)."""
+        p = stream.pending
+        p.count += len(ids)
+        if text:
+            p.texts.append(text)
+        if stream.want_tokens:
+            p.tokens.extend(ids)
+        self._dirty[stream] = None
+
+    def _arm_locked(self, flush: bool = False) -> None:
+        """Hand what is due over to the loop: urgent streams at once, and (`flush`) every stream with news."""
         if self._urgent and not self._urgent_armed:
             self._urgent_armed = True
             self.loop.call_soon_threadsafe(self._wake_urgent)
-        if self._dirty and not self._armed:
+        if flush and self._dirty and not self._armed:
             self._armed = True
-            self.loop.call_soon_threadsafe(self._schedule_flush)
+            self.loop.call_soon_threadsafe(self._flush)
 
     # -- the event loop -------------------------------------------------------------------------
-
-    @property
-    def interval(self) -> float:
-        return max(self.open_streams, 1) / self.message_rate
-
-    def _schedule_flush(self) -> None:
-        delay = self._last_flush + self.interval - self.loop.time()
-        if delay > 0:
-            self.loop.call_later(delay, self._flush)
-        else:
-            self._flush()
 
     def _wake_urgent(self) -> None:
         """Wake the streams whose first text or end came in (the next flush need not wake them)."""
@@ -141,7 +168,6 @@ class Outbox:
         with self._lock:
             dirty, self._dirty = self._dirty, {}
             self._armed = False
-        self._last_flush = self.loop.time()
         self._wake(dirty)
 
     @staticmethod

@@ -9,7 +9,9 @@ a finished or cancelled stream leaves at once, and its row is free for the next
 request. Capacity is bounded: at most `max_active` rows decode, at most
 `max_queued` accepted requests wait for a row; beyond that, `reserve` refuses
 at once (the server answers RESOURCE_EXHAUSTED) and the accepted streams keep
-their pace. Each step's updates go to the Outbox in one call.
+their pace. Each step hands the Outbox what cannot wait (first tokens, ends,
+stop-string rows' text) in one call; the rows' text is made and handed over
+once per delivery interval (rnngen.serving.delivery), not at every step.
 
 When a server stops before its streams end, `interrupt` makes every row leave
 after its next token: with resumable sessions each row leaves with its state
@@ -58,6 +60,8 @@ class Scheduler:
         self._stopping = False  # no new reservations; the thread ends once nothing is left
         self._interrupt: str | None = None  # "resume" or "end": every row leaves after its next token
         self._closed = False  # the thread ends now, whatever is left (the server is past its last messages)
+        self._joined: list = []  # rows admitted since the last step: their first text is sent at once
+        self._next_collect = 0.0  # when the rows' text is next collected for delivery (perf_counter)
         self._thread = threading.Thread(target=self._loop, name=f"rnngen-scheduler-{name}", daemon=True)
         self._thread.start()
 
@@ -177,6 +181,7 @@ class Scheduler:
         else:
             self._engines[0].add([job.tag.row for job in joining], np.concatenate([job.logits for job in joining]),
                                  BatchState.concat([BatchState(job.state) for job in joining]))
+        self._joined.extend(job.tag.row for job in joining)
         if self.metrics:
             now = time.perf_counter()
             for job in joining:
@@ -202,6 +207,7 @@ class Scheduler:
                 engine.select([])
 
     def _step(self) -> None:
+        joined, self._joined = self._joined, []
         for engine in self._engines:
             try:
                 updates = engine.step()
@@ -210,9 +216,13 @@ class Scheduler:
                 engine.select([])
                 continue
             if updates:
-                self.outbox.post(updates)
+                self.outbox.post(updates, first=joined)
                 if self.metrics:
                     self.metrics.tokens(self.name, len(updates))
+        now = time.perf_counter()
+        if now >= self._next_collect:  # the rows' text goes out about message_rate times a second in all
+            self._next_collect = now + self.outbox.interval
+            self.outbox.collect([news for engine in self._engines for news in engine.unread()])
         if self.per_stream:
             self._engines = [e for e in self._engines if len(e)]
 
