@@ -553,6 +553,15 @@ def _random_state(rnn, gen, n: int) -> dict:
     return {k: gen.normal(0, 0.5, v.shape).astype(np.float32) for k, v in rnn.initial_state(n).items()}
 
 
+def _step_with_references(rnn, store, reference: dict, gen) -> np.ndarray:
+    """One store step with random tokens, each row's reference stepped alone; the store's logits."""
+    tokens = gen.integers(0, rnn.config.vocab_size, store.rows)
+    store.step(tokens)
+    for slot in reference:
+        _, reference[slot] = rnn.step(tokens[slot : slot + 1], reference[slot])
+    return store.read_logits()
+
+
 def _assert_rows_are_their_references(store, reference: dict) -> None:
     got = store.read_rows(sorted(reference))
     for j, slot in enumerate(sorted(reference)):
@@ -579,11 +588,8 @@ def test_host_slots_keep_their_arrays_while_the_top_rows_come_and_go_and_every_r
     reference[38] = joined
     assert store.rows == 39
     for _ in range(3):
-        tokens = gen.integers(0, rnn.config.vocab_size, store.rows)
-        store.step(tokens)
-        assert np.shares_memory(first, store.read_logits()) and store.read_logits().shape[0] == 39
-        for slot in reference:
-            _, reference[slot] = rnn.step(tokens[slot : slot + 1], reference[slot])
+        logits = _step_with_references(rnn, store, reference, gen)
+        assert np.shares_memory(first, logits) and logits.shape[0] == 39
     _assert_rows_are_their_references(store, reference)
 
 
@@ -597,11 +603,7 @@ def test_host_slots_reuse_their_arrays_when_the_top_row_comes_and_goes_and_shrin
     store, reference = _store_with_random_rows(rnn, gen, 32)
 
     def step():
-        tokens = gen.integers(0, rnn.config.vocab_size, store.rows)
-        store.step(tokens)
-        for slot in reference:
-            _, reference[slot] = rnn.step(tokens[slot : slot + 1], reference[slot])
-        return store.read_logits()
+        return _step_with_references(rnn, store, reference, gen)
 
     small = step()
     arrays = {id(small.base)}
@@ -631,11 +633,7 @@ def test_host_slots_keep_the_arrays_of_every_size_they_left_within_their_budget(
     store, reference = _store_with_random_rows(rnn, gen, 4)
 
     def step():
-        tokens = gen.integers(0, rnn.config.vocab_size, store.rows)
-        store.step(tokens)
-        for slot in reference:
-            _, reference[slot] = rnn.step(tokens[slot : slot + 1], reference[slot])
-        return store.read_logits().base
+        return _step_with_references(rnn, store, reference, gen).base
 
     def ramp(sizes):
         """Rows join up to each size in turn, then all but the first four leave (arrays shrink back)."""
