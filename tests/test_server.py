@@ -535,6 +535,17 @@ def test_a_failing_processor_ends_its_own_stream_only(start_server):
 # -- delivery --------------------------------------------------------------------------------------
 
 
+def test_the_default_message_rate_is_250_per_core_at_most_1000(monkeypatch, char_model_file):
+    """Messages cost the event loop and the clients CPU that decoding needs: by default a server sends
+    250 a second per core it may use (500 on 2 cores), at most 1000; a rate given is kept."""
+    from rnngen.serving.delivery import default_message_rate
+
+    assert [default_message_rate(n) for n in (1, 2, 3, 4, 64)] == [250.0, 500.0, 750.0, 1000.0, 1000.0]
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    assert ServerConfig(models=[char_model_file]).message_rate == 500.0
+    assert ServerConfig(models=[char_model_file], message_rate=2000.0).message_rate == 2000.0
+
+
 def test_a_fast_stream_arrives_in_coalesced_messages_with_the_same_text(start_server, char_model_file):
     server = start_server(message_rate=20.0)  # a lone stream is flushed every 50 ms
     params = GenerationParams(max_new_tokens=3000, seed=5)

@@ -29,7 +29,7 @@ def serve(
     grace: float = typer.Option(30.0, "--grace", help="On SIGTERM: seconds for in-flight streams to finish; then each gets a last message with its session token (given a session secret) to continue on another server."),
     threads: int = typer.Option(0, "--threads", envvar="RNNGEN_THREADS", help="onnxruntime threads per model (0: one per core)."),
     max_prompt_tokens: int = typer.Option(1_000_000, "--max-prompt-tokens", envvar="RNNGEN_MAX_PROMPT_TOKENS", help="Refuse prompts longer than this many tokens (prompts prefill in constant memory; this bounds their time)."),
-    message_rate: float = typer.Option(1000.0, "--message-rate", envvar="RNNGEN_MESSAGE_RATE", help="Messages per second, all streams together: each stream's text goes out every (open streams / this) seconds, coalesced (lower: more CPU for decoding; higher: smaller gaps)."),
+    message_rate: Optional[float] = typer.Option(None, "--message-rate", envvar="RNNGEN_MESSAGE_RATE", show_default="250 per CPU core, at most 1000", help="Messages per second, all streams together: each stream's text goes out every (open streams / this) seconds, coalesced (lower: more CPU for decoding; higher: smaller gaps)."),
     prefill_chunk: int = typer.Option(256, "--prefill-chunk", envvar="RNNGEN_PREFILL_CHUNK", help="At most this many prompt tokens per prompt between two decoding steps (fewer when that would take over 4 ms)."),
     prefix_cache_mb: float = typer.Option(64.0, "--prefix-cache-mb", envvar="RNNGEN_PREFIX_CACHE_MB", help="Memory per model for states after prompt prefixes seen before (0: no prefix cache)."),
     per_stream: bool = typer.Option(False, "--per-stream", help="Decode each stream on its own (a benchmark baseline, not for production)."),

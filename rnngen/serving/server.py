@@ -34,7 +34,7 @@ from rnngen.errors import InvalidParameterError, RnngenError
 from rnngen.model.devices import SessionOptions
 from rnngen.model.runtime import RnnModel
 from rnngen.model.tokenizers import TokenizerKinds
-from rnngen.serving.delivery import DEFAULT_MESSAGE_RATE, Outbox
+from rnngen.serving.delivery import Outbox, default_message_rate
 from rnngen.serving.metrics import ServerMetrics
 from rnngen.serving.prefill import DEFAULT_CACHE_MB, DEFAULT_CHUNK, Prefiller, PrefixCache
 from rnngen.serving.scheduler import Scheduler
@@ -63,7 +63,8 @@ class ServerConfig:
     max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS  # longer prompts are refused (INVALID_ARGUMENT)
     # Messages per second, all streams together: a stream's text is flushed every open_streams / message_rate
     # seconds (lower: fewer, larger messages and more CPU for decoding; higher: smaller gaps between messages).
-    message_rate: float = DEFAULT_MESSAGE_RATE
+    # None: rnngen.serving.delivery.default_message_rate() (250 per CPU core, at most 1000).
+    message_rate: float | None = None
     prefill_chunk: int = DEFAULT_CHUNK  # prompt tokens per prompt between two decoding steps
     prefix_cache_mb: float = DEFAULT_CACHE_MB  # per model: states after prompt prefixes (0: no cache)
     # Plugins are consulted at the edge (the CLI) and their tables handed down: None means the built-ins.
@@ -75,6 +76,8 @@ class ServerConfig:
         for name, lo, hi in (("max_active", 1, 10**7), ("max_queued", 0, 10**9), ("port", 0, 65535),
                              ("max_prompt_tokens", 1, 10**12), ("prefill_chunk", 1, 10**9)):
             check_int(name, getattr(self, name), lo, hi)
+        if self.message_rate is None:
+            self.message_rate = default_message_rate()
         check_number("message_rate", self.message_rate, 0, 1e9, lo_open=True)
         check_number("prefix_cache_mb", self.prefix_cache_mb, 0, 1e9)  # 0 turns the cache off
         if (self.tls_cert is None) != (self.tls_key is None):
