@@ -604,6 +604,30 @@ def test_between_collections_a_streams_text_is_not_made_step_by_step(start_serve
         stream.cancel()
 
 
+def test_a_stream_left_alone_after_a_burst_gets_its_messages_at_its_own_pace(start_server):
+    """The delivery interval is open streams / message_rate, taken at each step: once a burst of
+    streams has ended, the one left hears again within its own interval (1 s at one message a
+    second), not the burst's (20 streams: 20 s from the burst's last collection)."""
+    server = start_server(message_rate=1.0)
+    with client_for(server) as client:
+        lone = client.generate("the ", params=GenerationParams(max_new_tokens=10_000_000, seed=1))
+        next(lone)
+        started = time.monotonic()
+        burst = [threading.Thread(target=lambda i=i: collect(client.generate(
+            "a", params=GenerationParams(max_new_tokens=15_000, seed=i)))) for i in range(19)]
+        for t in burst:
+            t.start()
+        for t in burst:
+            t.join(60)
+        ended = time.monotonic()
+        assert ended - started > 1.5  # the burst outlasted a collection made while it was open
+        next(lone)  # whatever was collected before the burst ended
+        next(lone)
+        waited = time.monotonic() - ended
+        lone.cancel()
+    assert waited < 5.0  # about 1 s; 20 s with the burst's interval
+
+
 def test_a_streams_first_text_and_its_end_do_not_wait_for_the_flush_timer(start_server, char_model_file):
     """With one flush every 2 s, a short stream still gets its first text and its last message at
     once; the tokens between them wait for the timer and come coalesced."""

@@ -153,8 +153,8 @@ class StepUpdates:
 
     def texts(self) -> list[str]:
         """Every row's text from this step, in order: what the updates' `text` would be, without
-        making an update per row (a server reads every row's text every step). Its `details` and
-        `errors` are dicts by position."""
+        making an update per row (for a reader that reads every row's text every step, such as the
+        CLI's generation). Its `details` and `errors` are dicts by position."""
         texts = self._kept_up_texts()
         return texts if texts is not None else [update.text for update in self]
 
@@ -185,7 +185,7 @@ class StepUpdates:
         return self._errors
 
     def _make_all(self):
-        """Every update in order, the arrays read once (a server reads them all every step)."""
+        """Every update in order, the arrays read once (a reader that reads them all every step)."""
         made = self._made
         texts = self._kept_up_texts()  # made all at once: a reader that stops early loses nothing
         if texts is not None:
@@ -200,7 +200,7 @@ class StepUpdates:
 
     def _kept_up_texts(self) -> list[str] | None:
         """Every row's text when all rows keep up (nothing read yet, read right after the step, every
-        row's text made but for this step's token: a server), else None. Each row's text is its
+        row's text made but for this step's token: a reader of every step), else None. Each row's text is its
         token's, through its decoder, without the per-row index work of DecodeEngine._decode. Rows
         with stop strings (and rows whose unread text was due) had theirs made by the step; the
         others' stop filters have no stop strings, so their text passes them unchanged."""

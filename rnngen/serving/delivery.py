@@ -10,19 +10,20 @@ message as one message. A handler still busy writing (a client not yet ready)
 takes the backlog as soon as its write completes, so a slow reader gets fewer,
 larger messages and never holds up the others.
 
-What cannot wait for a collection comes with each step (`post`, a few rows at
-most): a stream's first token and its end wake its handler at once (so time to
-first token and to the last message carry no collection delay; each happens
-once per stream, so the rate stays bounded); the text a step made anyway (rows
-with stop strings, which see their text every step, and finished rows) and
-introspection details, read with their tokens so that a message's details and
-token ids stay aligned, go out with the next collection.
+What cannot wait for a collection comes with each step (`post`): a stream's
+first token, and its end with its last text, wake its handler at once (so time
+to first token and to the last message carry no collection delay; each happens
+once per stream, so the rate stays bounded); the other texts a step made anyway
+(rows with stop strings, which see their text every step, and rows whose unread
+text was due) and introspection details, read with their tokens so that a
+message's details and token ids stay aligned, go out with the next collection.
 
 The interval is `open streams / message_rate` seconds: the server's total
 message rate stays near `message_rate` however many streams run and however
 fast they decode, while a lone stream gets a message every 1/message_rate
 seconds (feels live). Nothing runs per stream per token on the event loop, nor
-per stream per step on the decoding thread.
+per stream per step on the decoding thread but for the rows that ask for it
+(stop strings, introspection).
 """
 
 from __future__ import annotations

@@ -10,8 +10,9 @@ request. Capacity is bounded: at most `max_active` rows decode, at most
 `max_queued` accepted requests wait for a row; beyond that, `reserve` refuses
 at once (the server answers RESOURCE_EXHAUSTED) and the accepted streams keep
 their pace. Each step hands the Outbox what cannot wait (first tokens, ends,
-stop-string rows' text) in one call; the rows' text is made and handed over
-once per delivery interval (rnngen.serving.delivery), not at every step.
+the text the step made for stop-string rows and rows whose unread text was due,
+introspection details) in one call; the other rows' text is made and handed
+over once per delivery interval (rnngen.serving.delivery), not at every step.
 
 When a server stops before its streams end, `interrupt` makes every row leave
 after its next token: with resumable sessions each row leaves with its state
@@ -61,7 +62,7 @@ class Scheduler:
         self._interrupt: str | None = None  # "resume" or "end": every row leaves after its next token
         self._closed = False  # the thread ends now, whatever is left (the server is past its last messages)
         self._joined: list = []  # rows admitted since the last step: their first text is sent at once
-        self._next_collect = 0.0  # when the rows' text is next collected for delivery (perf_counter)
+        self._last_collect = 0.0  # when the rows' text was last collected for delivery (perf_counter)
         self._thread = threading.Thread(target=self._loop, name=f"rnngen-scheduler-{name}", daemon=True)
         self._thread.start()
 
@@ -220,8 +221,10 @@ class Scheduler:
                 if self.metrics:
                     self.metrics.tokens(self.name, len(updates))
         now = time.perf_counter()
-        if now >= self._next_collect:  # the rows' text goes out about message_rate times a second in all
-            self._next_collect = now + self.outbox.interval
+        # The rows' text goes out about message_rate times a second in all; the interval is taken now
+        # (a lone stream left after a burst does not wait out the burst's long interval).
+        if now >= self._last_collect + self.outbox.interval:
+            self._last_collect = now
             self.outbox.collect([news for engine in self._engines for news in engine.unread()])
         if self.per_stream:
             self._engines = [e for e in self._engines if len(e)]

@@ -1,8 +1,9 @@
 """The rnngen.v1.Generator service on grpc.aio, over one scheduler per model.
 
 Requests are mapped in rnngen.serving.protocol; each stream's prompt is
-prefilled off the event loop, then its row joins the model's scheduler, whose
-per-step updates collect in the Outbox and go out as coalesced messages
+prefilled off the event loop, then its row joins the model's scheduler, which
+hands its text to the Outbox (each delivery interval, and at once for a
+stream's first token and its end) to go out as coalesced messages
 (rnngen.serving.delivery).
 """
 
