@@ -128,3 +128,32 @@ def test_a_long_prompt_prefills_between_steps_and_a_short_one_overtakes_it(char_
         assert len(steps_while_long_prefilled) > 50  # the short stream decoded between the long prompt's chunks
     finally:
         server.shutdown()
+
+
+def test_a_prompt_the_cache_holds_whole_joins_before_the_next_prefill_round(char_model_file):
+    """A prompt the prefix cache holds whole needs no prefill round: it joins at the next step
+    instead of waiting behind a round of other prompts' chunks (a few milliseconds each)."""
+    server = start(char_model_file, prefill_chunk=8)
+    served = server.models[0]
+    scheduler, engine = served.scheduler, served.scheduler._engines[0]
+    try:
+        with RnngenClient(f"127.0.0.1:{server.port}") as client:
+            list(client.generate("to be", params=GenerationParams(max_new_tokens=3)))  # "to be" is cached now
+        events = []
+        real_add, real_round = engine.add, scheduler.prefiller.round
+        engine.add = lambda rows, logits, state: events.append(("add", [r.tag.prompt_tokens for r in rows])) or real_add(rows, logits, state)
+        scheduler.prefiller.round = lambda jobs: events.append(("round", len(jobs))) or real_round(jobs)
+        long_prompt = "the quick brown fox jumps over the lazy dog. " * 40
+        with scheduler._lock:  # both wait before the decoding thread sees either
+            for prompt in (long_prompt, "to be"):
+                scheduler.reserve()
+                request = pb.GenerateRequest(prompt=prompt)
+                scheduler.enqueue(server.service._prefill(served, request, GenerationParams(max_new_tokens=50, seed=1))[1])
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not (scheduler.active == 0 and scheduler.queued == 0 and events):
+            time.sleep(0.01)
+        assert events[0] == ("add", [5])  # before any round: the cached prompt joined first
+        assert ("round", 1) in events and events[-1] == ("add", [len(long_prompt)])
+        assert metric(server, "rnngen_prefix_cache_hits_total") == 1
+    finally:
+        server.shutdown()

@@ -144,7 +144,14 @@ class Scheduler:
                 self._report()
 
     def _prefill(self, interrupt: str | None) -> None:
-        """One prefill round; prompts done move on to wait for a row (see rnngen.serving.prefill)."""
+        """One prefill round; prompts done move on to wait for a row (see rnngen.serving.prefill).
+
+        Jobs that need no round (a prompt the prefix cache holds whole, a resumed session) move on
+        at once, and the round waits for the next step: they join now, not behind other prompts' chunks."""
+        if not interrupt and any(job.finished for job in self._prefilling):
+            self._ready.extend(job for job in self._prefilling if job.finished)
+            self._prefilling = [job for job in self._prefilling if not job.finished]
+            return
         try:
             self.prefiller.round(self._prefilling)
         except Exception as exc:  # a failing prefill ends the streams it was for, not the server
