@@ -104,6 +104,20 @@ def test_prefix_cache_hits_give_the_text_of_an_uncached_run(char_model_file):
         off.shutdown()
 
 
+def enqueue_together_and_wait(server, prompts, params, events):
+    """The prompts reach the scheduler together (none seen by the decoding thread before the others);
+    then wait until every stream has ended."""
+    served = server.models[0]
+    scheduler = served.scheduler
+    with scheduler._lock:
+        for prompt in prompts:
+            scheduler.reserve()
+            scheduler.enqueue(server.service._prefill(served, pb.GenerateRequest(prompt=prompt), params)[1])
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not (scheduler.active == 0 and scheduler.queued == 0 and events):
+        time.sleep(0.01)
+
+
 def test_a_long_prompt_prefills_between_steps_and_a_short_one_overtakes_it(char_model_file):
     server = start(char_model_file, prefill_chunk=8)
     served = server.models[0]
@@ -114,14 +128,7 @@ def test_a_long_prompt_prefills_between_steps_and_a_short_one_overtakes_it(char_
     engine.step = lambda: events.append(("step", len(engine))) or real_step()
     try:
         long_prompt = "the quick brown fox jumps over the lazy dog. " * 40  # 1,800 tokens: 225 chunks of 8
-        with scheduler._lock:  # both wait before the decoding thread sees either
-            for prompt in (long_prompt, "to be"):
-                scheduler.reserve()
-                request = pb.GenerateRequest(prompt=prompt)
-                scheduler.enqueue(server.service._prefill(served, request, GenerationParams(max_new_tokens=400, seed=1))[1])
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and not (scheduler.active == 0 and scheduler.queued == 0 and events):
-            time.sleep(0.01)
+        enqueue_together_and_wait(server, (long_prompt, "to be"), GenerationParams(max_new_tokens=400, seed=1), events)
         adds = [i for i, e in enumerate(events) if e[0] == "add"]
         assert [events[i][1] for i in adds] == [[5], [len(long_prompt)]]  # the short prompt joined first
         steps_while_long_prefilled = [e for e in events[adds[0]:adds[1]] if e[0] == "step" and e[1] == 1]
@@ -144,14 +151,7 @@ def test_a_prompt_the_cache_holds_whole_joins_before_the_next_prefill_round(char
         engine.add = lambda rows, logits, state: events.append(("add", [r.tag.prompt_tokens for r in rows])) or real_add(rows, logits, state)
         scheduler.prefiller.round = lambda jobs: events.append(("round", len(jobs))) or real_round(jobs)
         long_prompt = "the quick brown fox jumps over the lazy dog. " * 40
-        with scheduler._lock:  # both wait before the decoding thread sees either
-            for prompt in (long_prompt, "to be"):
-                scheduler.reserve()
-                request = pb.GenerateRequest(prompt=prompt)
-                scheduler.enqueue(server.service._prefill(served, request, GenerationParams(max_new_tokens=50, seed=1))[1])
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and not (scheduler.active == 0 and scheduler.queued == 0 and events):
-            time.sleep(0.01)
+        enqueue_together_and_wait(server, (long_prompt, "to be"), GenerationParams(max_new_tokens=50, seed=1), events)
         assert events[0] == ("add", [5])  # before any round: the cached prompt joined first
         assert ("round", 1) in events and events[-1] == ("add", [len(long_prompt)])
         assert metric(server, "rnngen_prefix_cache_hits_total") == 1
