@@ -435,8 +435,8 @@ def test_step_texts_read_in_bulk_are_the_updates_texts(kind, char_model_file, by
 
 @pytest.mark.parametrize("kind", ["char", "byte"])
 def test_text_taken_now_and_then_is_the_text_read_from_every_update(kind, char_model_file, byte_model_file):
-    """A reader that takes each step's `made` texts, its new rows' first tokens (`unread(rows)`), one
-    row's text at every step (`read`) and everyone else's only now and then (`unread()`, at irregular
+    """A reader that takes each step's `made` texts, its new rows' first tokens and one row's text at
+    every step (`unread(rows)`), and everyone else's only now and then (`unread()`, at irregular
     gaps, once longer than the engine keeps unread text for) gets, row by row, the text and the
     token ids that reading every update gives: with a byte model's characters split across reads,
     a row with stop strings, rows joining and finishing at other steps."""
@@ -469,12 +469,10 @@ def test_text_taken_now_and_then_is_the_text_read_from_every_update(kind, char_m
         a, b = every.step(), sometimes.step()
         for u in a:
             take(want, u.row.tag, u.text, [u.token])
-        made = b.made
-        each = [i for i, row in enumerate(b.rows) if row.tag == 3 and i not in made]
-        made.update(b.read(each))  # row 3: read at every step
-        for i, (text, ids) in made.items():
+        for i, (text, ids) in b.made.items():
             take(got, b.rows[i].tag, text, ids)
-        for row, text, ids in sometimes.unread(joined):
+        every_step = [row for row in b.rows if row.tag == 3]  # row 3: taken at every step
+        for row, text, ids in sometimes.unread(joined + every_step):
             take(got, row.tag, text, ids)
         joined = []
         if step == next_take and step < 100 or step == WINDOW - 20:

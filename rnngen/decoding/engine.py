@@ -166,16 +166,6 @@ class StepUpdates:
         than from every update takes these from each step: nothing else makes them again."""
         return {i: (text, self._made_ids.get(i, [])) for i, text in self._texts.items()}
 
-    def read(self, positions) -> dict[int, tuple[str, list[int]]]:
-        """Text and token ids of these rows made now, up to this step (rows still decoding, and not
-        in `made`): for a reader that takes most rows' text now and then but these at every step."""
-        engine, counts, out = self.engine, self._counts_now(), {}
-        for i in positions:
-            row, ids = self.rows[i], []
-            text = engine._decode(row.slot, counts[i], ids) if row.engine is engine else ""
-            out[i] = (text, ids)
-        return out
-
     @property
     def details(self) -> dict:
         return self._details

@@ -102,19 +102,19 @@ class Outbox:
         """What of one step's StepUpdates cannot wait for the next collection (their rows are tagged
         with their Stream): texts the step made, ends, errors, introspection details with their
         tokens, and the first tokens of the rows in `first` (rows that joined before this step)."""
-        made = updates.made
-        details = updates.details
-        if details:  # introspecting rows: their text and ids with their details, step by step
-            made.update(updates.read([i for i in details if i not in made]))
+        engine, rows, details = updates.engine, updates.rows, updates.details
+        # Text made now: introspecting rows' (their details go with their tokens, step by step) and
+        # the first token of new rows still decoding here (one that finished at once is among the
+        # ends; a stop-string row's text is in `made` already, and unread has nothing more of it).
+        first = [row for row in first if row.engine is engine] if first else []
+        now = [rows[i] for i in details] + first
+        news = engine.unread(now) if now else ()
         ends = np.flatnonzero(updates.finished).tolist() if updates.finished.any() else ()
-        # New rows still decoding here (one that finished at once is among the ends; a stop-string
-        # row's first text is in made already, and unread has nothing more of it).
-        first = [row for row in first if row.engine is updates.engine] if first else ()
-        firsts = updates.engine.unread(first) if first else ()
-        rows = updates.rows
         with self._lock:
-            for i, (text, ids) in made.items():
+            for i, (text, ids) in updates.made.items():
                 self._add(rows[i].tag, text, ids)
+            for row, text, ids in news:
+                self._add(row.tag, text, ids)
             for i, d in details.items():
                 rows[i].tag.pending.details.append(d)
             for i, error in updates.errors.items():
@@ -123,8 +123,6 @@ class Outbox:
                 stream = rows[i].tag
                 stream.pending.ended = True
                 self._urgent.append(stream)
-            for row, text, ids in firsts:
-                self._add(row.tag, text, ids)
             if first:  # their first text: sent without waiting
                 self._urgent.extend(row.tag for row in first)
             self._arm_locked()
