@@ -89,3 +89,37 @@ def test_tokenizer_from_bad_data_is_a_clear_error():
         tokenizer_from_dict({"kind": "char", "symbols": "abc"})
     with pytest.raises(InvalidParameterError, match="tokenizer"):
         build_tokenizer("bpe", "x")
+
+
+
+@pytest.mark.parametrize("kind", ["char", "byte", "word"])
+def test_a_run_of_tokens_decodes_in_one_call_as_pushed_one_by_one(kind):
+    """push_tokens (push_many where a decoder has it) gives the text and leaves the decoder's
+    unfinished state as a push per token would, with runs that split a character; a decoder with
+    push only (a plugin's) is pushed token by token."""
+    from rnngen.model.tokenizers import push_tokens
+
+    text = "abc é a\nbc é"
+    tokenizer = build_tokenizer(kind, text)
+    ids = tokenizer.encode(text)
+    one, runs = tokenizer.stream_decoder(), tokenizer.stream_decoder()
+    want = [one.push(t) for t in ids]
+    got, unfinished = [], []
+    for a, b in zip(range(0, len(ids), 5), range(5, len(ids) + 5, 5)):
+        got.append(push_tokens(runs, ids[a:b]))
+        unfinished.append(runs.save())
+    assert "".join(got) == "".join(want)
+    assert runs.save() == one.save() and runs.flush() == one.flush()
+    if kind == "byte":  # some run ended inside the two bytes of an é
+        assert any(unfinished)
+
+    class PushOnly:
+        def __init__(self):
+            self.pushed = []
+
+        def push(self, token_id):
+            self.pushed.append(token_id)
+            return str(token_id)
+
+    plugin = PushOnly()
+    assert push_tokens(plugin, [3, 1, 2]) == "312" and plugin.pushed == [3, 1, 2]

@@ -34,6 +34,7 @@ from rnngen.decoding.rows import HISTORY_WINDOW, Row, RowSnapshot
 from rnngen.model.graph_stepper import SlotStepper
 from rnngen.model.runtime import RnnModel, sampling_feeds
 from rnngen.model.slots import HostSlots, SlotStore
+from rnngen.model.tokenizers import push_tokens
 from rnngen.model.units import state_units
 
 FINISH_LENGTH = "length"  # max_new_tokens reached
@@ -781,7 +782,7 @@ class DecodeEngine:
                 ids.append(token)
         else:
             tokens = self._ring[slot, np.arange(end - (upto - done), end) % WINDOW].tolist()
-            text = "".join(row.decoder.push(t) for t in tokens)
+            text = push_tokens(row.decoder, tokens)
             if ids is not None:
                 ids.extend(tokens)
         text = row.stops.push(text)

@@ -41,6 +41,18 @@ class StreamDecoder(Protocol):
     def restore(self, saved: bytes) -> None:
         """Continue from a state made by save()."""
 
+    # Optional: push_many(token_ids) -> str, the same text as push() of each in turn, in one call.
+
+
+def push_tokens(decoder: StreamDecoder, token_ids: list[int]) -> str:
+    """The text of these tokens pushed in turn: one `push_many` call where the decoder has one (the
+    built-in ones: a server decodes each row's tokens since its last message at once), else a push
+    each (a plugin's decoder needs only `push`)."""
+    push_many = getattr(decoder, "push_many", None)
+    if push_many is not None:
+        return push_many(token_ids)
+    return "".join(decoder.push(t) for t in token_ids)
+
 
 def _check_policy(on_unknown: str) -> None:
     check_choice("on_unknown", on_unknown, UNKNOWN_POLICIES)
@@ -287,6 +299,9 @@ class _TableStreamDecoder:
     def push(self, token_id: int) -> str:
         return self._symbols[token_id]
 
+    def push_many(self, token_ids: list[int]) -> str:
+        return "".join(map(self._symbols.__getitem__, token_ids))
+
     def flush(self) -> str:
         return ""
 
@@ -305,6 +320,9 @@ class _Utf8StreamDecoder:
 
     def push(self, token_id: int) -> str:
         return self._decoder.decode(bytes((token_id,)))
+
+    def push_many(self, token_ids: list[int]) -> str:
+        return self._decoder.decode(bytes(token_ids))
 
     def flush(self) -> str:
         return self._decoder.decode(b"", final=True)
