@@ -181,3 +181,22 @@ def test_model_config_mismatch_between_graph_and_metadata(tmp_path):
     cfg = json.dumps(ModelConfig(cell="gru", vocab_size=6, hidden_size=9, num_layers=1).to_dict())
     message = refusal(rewrite(path, tmp_path / "x.onnx", lambda m: set_meta(m, "rnngen.config", cfg)))
     assert "expected FLOAT [1, 'batch', 9]" in message
+
+
+@pytest.mark.parametrize("layers", [1, 3])
+def test_the_decoding_step_takes_each_layers_state_and_steps_as_the_loop_graph(cell, layers, tmp_path, char_tokenizer):
+    """The step graph's per-layer state inputs and outputs carry the (L, B, H) state of the model's
+    Loop graph, layer by layer in order: stepping token by token gives the Loop graph's logits and state."""
+    config = ModelConfig(cell=cell, vocab_size=char_tokenizer.vocab_size, hidden_size=9, num_layers=layers)
+    model = RnnModel.load(write_model(tmp_path / "m.onnx", config, char_tokenizer))
+    names = [i.name for i in model.step_session.get_inputs()] + [o.name for o in model.step_session.get_outputs()]
+    assert not set(config.state_names) & set(names)  # no stacked state in or out
+    gen = np.random.default_rng(0)
+    tokens = gen.integers(0, config.vocab_size, (3, 7))
+    state = {s: gen.normal(0, 0.5, (layers, 3, 9)).astype(np.float32) for s in config.state_names}
+    want_logits, want_state = model.run(tokens, state)
+    for t in range(tokens.shape[1]):
+        logits, state = model.step(tokens[:, t], state)
+        np.testing.assert_allclose(logits, want_logits[:, t], atol=1e-5)
+    for s in config.state_names:
+        np.testing.assert_allclose(state[s], want_state[s], atol=1e-5)

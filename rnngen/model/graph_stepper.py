@@ -39,7 +39,7 @@ from rnngen.model.devices import CUDA_PROVIDER, ort_session_options
 from rnngen.model.loop_graph import IR_VERSION, LOGITS, OPSET, TOKENS, state_output_name
 from rnngen.model.runtime import RnnModel, full_proto, sampled_step_proto
 from rnngen.model.step_graph import (LOG_Z, NEXT_TOKEN, SAMPLE_GREEDY, SAMPLE_INV_TEMPERATURE, SAMPLE_UNIFORM,
-                                     temperature_inputs)
+                                     layer_state_name, layer_state_output_name, temperature_inputs)
 
 SLOTS = "slots"  # (n,) int64: slot indices of the slot-operation graphs
 ROWS_SUFFIX = "_rows"  # (L, n, H): rows written into slots
@@ -113,9 +113,12 @@ class _Bucket:
                 binding.bind_ortvalue_input(name, value)
             for name, value in ((LOGITS, self.logits), (NEXT_TOKEN, self.next_token), (LOG_Z, self.log_z)):
                 binding.bind_ortvalue_output(name, value)
-            for s in stepper.model.state_names:
-                binding.bind_ortvalue_input(s, self.state[parity][s])
-                binding.bind_ortvalue_output(state_output_name(s), self.state[1 - parity][s])
+            for s in stepper.model.state_names:  # each layer's state: its slice (size, H) of the (L, size, H) buffer
+                for k in range(cfg.num_layers):
+                    binding.bind_input(layer_state_name(s, k), stepper.device_type, 0, np.float32, [size, cfg.hidden_size],
+                                       self._layer_address(self.state[parity][s], k))
+                    binding.bind_output(layer_state_output_name(s, k), stepper.device_type, 0, np.float32,
+                                        [size, cfg.hidden_size], self._layer_address(self.state[1 - parity][s], k))
             self.bindings.append(binding)
             options = ort.RunOptions()
             options.add_run_config_entry("gpu_graph_id", str(2 * index + parity))  # one captured graph each
@@ -123,6 +126,12 @@ class _Bucket:
         # Host staging arrays: update_inplace copies a whole buffer, padding rows included.
         self.tokens_host = np.zeros((size, 1), np.int64)
         self.uniform_host = np.zeros((size, 1), np.float32)
+
+    @staticmethod
+    def _layer_address(value, layer: int) -> int:
+        """Where layer `layer` of a contiguous (L, B, H) float32 buffer starts."""
+        _, batch, hidden = value.shape()
+        return value.data_ptr() + layer * batch * hidden * 4
 
 
 class SlotStepper:
@@ -166,7 +175,7 @@ class SlotStepper:
         if self.device_type != "cuda":
             return self.model.step_session, False
         options = {"enable_cuda_graph": "1" if cuda_graphs else "0"}
-        proto = sampled_step_proto(full_proto(self.model.file), self.model.config.vocab_size)
+        proto = sampled_step_proto(full_proto(self.model.file), self.model.config)
         session = ort.InferenceSession(proto.SerializeToString(), sess_options=ort_session_options(),
                                        providers=[(CUDA_PROVIDER, options)])
         return session, session.get_provider_options().get(CUDA_PROVIDER, {}).get("enable_cuda_graph") == "1"

@@ -3,7 +3,7 @@
 `RnnModel` holds sessions made from one file: the Loop graph (`run`: T tokens
 in one call), a copy of it that returns the last position's logits only
 (`prefill`: a prompt in chunks of PREFILL_CHUNK tokens, carrying the state), and
-the loop-free step graph derived from it with a sampling head (`step`,
+the loop-free step graph derived from it, its state layer by layer, with a sampling head (`step`,
 `step_sample`, and `step_bound` on buffers bound once: how decoding steps, once per token). Where the runtime has a
 fused kernel that beats the Loop (see FUSED_RUN_CELLS), `run` and `prefill` go
 through a graph of standard ONNX LSTM/GRU/RNN ops
@@ -19,6 +19,7 @@ import os
 import numpy as np
 
 from rnngen.errors import DeviceError, InvalidParameterError, ModelFormatError
+from rnngen.model.config import ModelConfig
 from rnngen.model.devices import CUDA_PROVIDER, SessionOptions, ort_session_options, select_providers
 from rnngen.model.file import ModelFile, read_model_file
 from rnngen.model.fused_graph import agrees_with, derive_fused_model
@@ -26,7 +27,8 @@ from rnngen.model.tokenizers import TokenizerKinds
 from rnngen.model.loop_graph import LOGITS, TOKENS, state_output_name
 from rnngen.model.prefill_graph import PREFILL_CHUNK, derive_last_logits_model
 from rnngen.model.step_graph import (LOG_Z, NEXT_TOKEN, SAMPLE_GREEDY, SAMPLE_INV_TEMPERATURE, SAMPLE_UNIFORM, add_sampling_head,
-                                     derive_step_model, temperature_inputs)
+                                     derive_step_model, layer_state_name, layer_state_output_name, state_by_layer,
+                                     temperature_inputs)
 
 # Cells whose whole-sequence calls (`run`, `prefill`) go through the fused-op graph, per device.
 # Measured (benchmarks/decode.py, prefill of 1,000 tokens): on an H100 the CUDA provider's fused
@@ -49,7 +51,9 @@ class RnnModel:
         self.state_names = self.config.state_names
         self._state_outputs = [state_output_name(s) for s in self.state_names]
         self._outputs = [LOGITS, *self._state_outputs]
-        self._sample_outputs = [*self._outputs, NEXT_TOKEN, LOG_Z]
+        # The step graph takes and gives the state layer by layer (see state_by_layer).
+        self._layer_states = [(s, k) for s in self.state_names for k in range(self.config.num_layers)]
+        self._step_outputs = [LOGITS, NEXT_TOKEN, LOG_Z, *(layer_state_output_name(s, k) for s, k in self._layer_states)]
         providers = select_providers(device)
         so = ort_session_options(options)
         # rnngen's own graph with the file's weights (external ones read in by rnngen): onnxruntime
@@ -64,7 +68,7 @@ class RnnModel:
         proto = full_proto(model_file)
         # Decoding steps go through the loop-free step graph derived from the same file, with
         # temperature sampling of the next token added inside it (rows that need more use the logits).
-        step_proto = sampled_step_proto(proto, self.config.vocab_size)
+        step_proto = sampled_step_proto(proto, self.config)
         self.step_session = ort.InferenceSession(step_proto.SerializeToString(), sess_options=so, providers=self.providers)
         self.run_session, run_proto = self.session, proto
         if self.config.cell in FUSED_RUN_CELLS[self.device]:
@@ -133,11 +137,8 @@ class RnnModel:
 
     def step(self, tokens: np.ndarray, state: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """One decoding step for a batch: tokens (B,) → logits (B, V) and the next state."""
-        feeds = {TOKENS: tokens.reshape(-1, 1)}
-        feeds.update(sampling_feeds(len(tokens)))
-        feeds.update(state)
-        logits, *new_state = self.step_session.run(self._outputs, feeds)
-        return logits[:, 0], dict(zip(self.state_names, new_state))
+        logits, _, _, new_state = self.step_sample(tokens, state, sampling_feeds(len(tokens)))
+        return logits, new_state
 
     def step_sample(self, tokens: np.ndarray, state: dict[str, np.ndarray], sampling: dict[str, np.ndarray]
                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, np.ndarray]]:
@@ -148,11 +149,11 @@ class RnnModel:
         """
         feeds = {TOKENS: tokens.reshape(-1, 1)}
         feeds.update(sampling)
-        feeds.update(state)
-        logits, *rest = self.step_session.run(self._sample_outputs, feeds)
-        new_state = rest[: len(self.state_names)]
-        next_tokens, log_z = rest[len(self.state_names) :]
-        return logits[:, 0], next_tokens, log_z, dict(zip(self.state_names, new_state))
+        feeds.update((layer_state_name(s, k), np.ascontiguousarray(state[s][k], dtype=np.float32)) for s, k in self._layer_states)
+        logits, next_tokens, log_z, *layers = self.step_session.run(self._step_outputs, feeds)
+        per_state = self.config.num_layers
+        new_state = {s: np.stack(layers[i * per_state : (i + 1) * per_state]) for i, s in enumerate(self.state_names)}
+        return logits[:, 0], next_tokens, log_z, new_state
 
     def step_bound(self, binding, run_options=None) -> None:
         """A step of the sampling step graph on inputs and outputs bound in an IOBinding of
@@ -170,9 +171,11 @@ def sampling_feeds(batch: int, temperature: np.ndarray | None = None, uniform: n
     return {SAMPLE_INV_TEMPERATURE: inv, SAMPLE_GREEDY: greedy, SAMPLE_UNIFORM: uniform.reshape(-1, 1)}
 
 
-def sampled_step_proto(proto, vocab_size: int):
-    """The loop-free step graph with its sampling head, derived from the model's ModelProto."""
-    return add_sampling_head(derive_step_model(proto), vocab_size)
+def sampled_step_proto(proto, config: ModelConfig):
+    """The decoding step graph, derived from the model's ModelProto: loop-free, the state layer by
+    layer, with the sampling head."""
+    return add_sampling_head(state_by_layer(derive_step_model(proto), config.state_names, config.num_layers),
+                             config.vocab_size)
 
 
 def full_proto(model_file: ModelFile):

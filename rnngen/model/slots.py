@@ -17,10 +17,10 @@ from typing import Protocol
 import numpy as np
 
 from rnngen.errors import InvalidParameterError, OverloadedError
-from rnngen.model.loop_graph import LOGITS, TOKENS, state_output_name
+from rnngen.model.loop_graph import LOGITS, TOKENS
 from rnngen.model.runtime import RnnModel
 from rnngen.model.step_graph import (LOG_Z, NEXT_TOKEN, SAMPLE_GREEDY, SAMPLE_INV_TEMPERATURE, SAMPLE_UNIFORM,
-                                     temperature_inputs)
+                                     layer_state_name, layer_state_output_name, temperature_inputs)
 
 
 class SlotStore(Protocol):
@@ -89,8 +89,10 @@ class _Bound:
         self.bindings = []
         for parity in (0, 1):
             binding = model.step_session.io_binding()
-            ins = {**inputs, **self.state[parity]}
-            outs = {**outputs, **{state_output_name(s): v for s, v in self.state[1 - parity].items()}}
+            # Each layer's state is bound to its slice (rows, H) of the (L, rows, H) arrays.
+            ins = {**inputs, **{layer_state_name(s, k): v[k] for s, v in self.state[parity].items() for k in range(len(v))}}
+            outs = {**outputs, **{layer_state_output_name(s, k): v[k] for s, v in self.state[1 - parity].items()
+                                  for k in range(len(v))}}
             for name, array in ins.items():
                 binding.bind_input(name, "cpu", 0, array.dtype, list(array.shape), array.ctypes.data)
             for name, array in outs.items():

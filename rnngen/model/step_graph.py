@@ -17,6 +17,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from rnngen.model.loop_graph import state_output_name
+
 STEP_ITER = "step__iteration"  # the one iteration's number: 0
 STEP_COND = "step__condition"
 
@@ -87,6 +89,75 @@ def _live_nodes(nodes: list[onnx.NodeProto], outputs: list[str]) -> list[onnx.No
         needed.add(i)
         stack.extend(nodes[i].input)
     return [n for i, n in enumerate(nodes) if i in needed]
+
+
+def layer_state_name(state: str, layer: int) -> str:
+    """The decoding step graph's input for one layer's state (B, H) (see state_by_layer)."""
+    return f"{state}_l{layer}"
+
+
+def layer_state_output_name(state: str, layer: int) -> str:
+    return f"{state}_out_l{layer}"
+
+
+def state_by_layer(step: onnx.ModelProto, state_names: tuple[str, ...], num_layers: int) -> onnx.ModelProto:
+    """A copy of the step graph that takes and gives each layer's state as its own tensor (B, H):
+    inputs `layer_state_name(s, k)`, outputs `layer_state_output_name(s, k)`.
+
+    The model's interface stacks the layers (L, B, H): the step graph then splits them with a
+    Gather per layer and state, and joins them with an Unsqueeze per layer and a Concat, copying
+    the whole state every step. Decoding binds each layer's slice of its (L, B, H) arrays instead
+    (rnngen.model.slots, rnngen.model.graph_stepper): the same arithmetic, ten fewer nodes for a
+    2-layer LSTM. The step graph is rnngen's own (rnngen.model.loop_graph), whose splits and joins
+    have exactly this form; anything else is refused.
+    """
+    model = onnx.ModelProto()
+    model.CopyFrom(step)
+    g = model.graph
+    constants = {t.name: numpy_helper.to_array(t) for t in g.initializer}
+    producer = {out: n for n in g.node for out in n.output}
+    rename: dict[str, str] = {}  # tensor -> its new name (a per-layer input or output)
+    dropped: set[int] = set()  # ids of the split and join nodes
+    for node in g.node:  # splits: Gather(state, k) -> layer k's state
+        if node.op_type == "Gather" and node.input[0] in state_names:
+            layer = constants.get(node.input[1])
+            if layer is None or layer.shape != () or any(a.name == "axis" and a.i != 0 for a in node.attribute):
+                raise ValueError(f"step graph: {node.name} does not take one layer of {node.input[0]}")
+            rename[node.output[0]] = layer_state_name(node.input[0], int(layer))
+            dropped.add(id(node))
+    for s in state_names:  # joins: Concat(Unsqueeze(layer 0's), ...) or Identity(Unsqueeze(...)) for one layer
+        join = producer[state_output_name(s)]
+        parts = [producer[name] for name in join.input]
+        if join.op_type not in ("Concat", "Identity") or len(parts) != num_layers or any(p.op_type != "Unsqueeze" for p in parts):
+            raise ValueError(f"step graph: {state_output_name(s)} is not its layers stacked")
+        for k, part in enumerate(parts):
+            rename[part.input[0]] = layer_state_output_name(s, k)
+            dropped.add(id(part))
+        dropped.add(id(join))
+    nodes = []
+    for node in g.node:
+        if id(node) in dropped:
+            continue
+        copy = onnx.NodeProto()
+        copy.CopyFrom(node)
+        copy.ClearField("input")
+        copy.input.extend(rename.get(name, name) for name in node.input)
+        copy.ClearField("output")
+        copy.output.extend(rename.get(name, name) for name in node.output)
+        nodes.append(copy)
+    f32 = onnx.TensorProto.FLOAT
+    hidden = next(i for i in g.input if i.name == state_names[0]).type.tensor_type.shape.dim[2]
+    per_layer = [(s, k) for s in state_names for k in range(num_layers)]
+    inputs = [i for i in g.input if i.name not in state_names]
+    inputs += [helper.make_tensor_value_info(layer_state_name(s, k), f32, ["batch", hidden.dim_value]) for s, k in per_layer]
+    outputs = [o for o in g.output if o.name not in {state_output_name(s) for s in state_names}]
+    outputs += [helper.make_tensor_value_info(layer_state_output_name(s, k), f32, ["batch", hidden.dim_value]) for s, k in per_layer]
+    used = {name for n in nodes for name in n.input}
+    initializers = [t for t in g.initializer if t.name in used]
+    for field, values in (("node", nodes), ("input", inputs), ("output", outputs), ("initializer", initializers)):
+        g.ClearField(field)
+        getattr(g, field).extend(values)
+    return model
 
 
 SAMPLE_INV_TEMPERATURE = "inv_temperature"  # (B, 1) float32: 1 / temperature (1 for greedy rows)
