@@ -183,11 +183,13 @@ def test_model_config_mismatch_between_graph_and_metadata(tmp_path):
     assert "expected FLOAT [1, 'batch', 9]" in message
 
 
-@pytest.mark.parametrize("layers", [1, 3])
-def test_the_decoding_step_takes_each_layers_state_and_steps_as_the_loop_graph(cell, layers, tmp_path, char_tokenizer):
-    """The step graph's per-layer state inputs and outputs carry the (L, B, H) state of the model's
-    Loop graph, layer by layer in order: stepping token by token gives the Loop graph's logits and state."""
-    config = ModelConfig(cell=cell, vocab_size=char_tokenizer.vocab_size, hidden_size=9, num_layers=layers)
+@pytest.mark.parametrize("layers, embedding", [(1, 0), (3, 0), (2, 2)])  # (2, 2): layer 0 without an input table
+def test_the_decoding_step_takes_each_layers_state_and_steps_as_the_loop_graph(cell, layers, embedding, tmp_path, char_tokenizer):
+    """The decoding step graph's per-layer state inputs and outputs carry the (L, B, H) state of the
+    model's Loop graph, layer by layer in order: stepping token by token gives the Loop graph's
+    logits and state."""
+    config = ModelConfig(cell=cell, vocab_size=char_tokenizer.vocab_size, hidden_size=9, num_layers=layers,
+                         embedding_size=embedding)
     model = RnnModel.load(write_model(tmp_path / "m.onnx", config, char_tokenizer))
     names = [i.name for i in model.step_session.get_inputs()] + [o.name for o in model.step_session.get_outputs()]
     assert not set(config.state_names) & set(names)  # no stacked state in or out

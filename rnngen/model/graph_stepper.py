@@ -97,11 +97,11 @@ class _Bucket:
         new = stepper._device_value
         cfg = stepper.model.config
         state_shape = (cfg.num_layers, size, cfg.hidden_size)
-        self.tokens = new((size, 1), np.int64)
+        self.tokens = new((size,), np.int64)
         self.uniform = new((size, 1), np.float32)
         self.inv_temperature = new((size, 1), np.float32)
         self.greedy = new((size,), np.bool_)
-        self.logits = new((size, 1, cfg.vocab_size), np.float32)
+        self.logits = new((size, cfg.vocab_size), np.float32)
         self.next_token = new((size,), np.int64)
         self.log_z = new((size,), np.float32)
         self.state = [{s: new(state_shape, np.float32) for s in stepper.model.state_names} for _ in range(2)]
@@ -124,7 +124,7 @@ class _Bucket:
             options.add_run_config_entry("gpu_graph_id", str(2 * index + parity))  # one captured graph each
             self.run_options.append(options)
         # Host staging arrays: update_inplace copies a whole buffer, padding rows included.
-        self.tokens_host = np.zeros((size, 1), np.int64)
+        self.tokens_host = np.zeros(size, np.int64)
         self.uniform_host = np.zeros((size, 1), np.float32)
 
     @staticmethod
@@ -326,7 +326,7 @@ class SlotStepper:
             raise InvalidParameterError("step: no rows; write_rows first")
         if len(tokens) != rows or (uniforms is not None and len(uniforms) != rows):
             raise InvalidParameterError(f"step: tokens and uniforms must have {rows} entries, one per slot up to the last used")
-        bucket.tokens_host[:rows, 0] = np.where(self._used[:rows], tokens, 0)  # padding: any valid id
+        bucket.tokens_host[:rows] = np.where(self._used[:rows], tokens, 0)  # padding: any valid id
         bucket.tokens.update_inplace(bucket.tokens_host)
         if uniforms is not None:
             bucket.uniform_host[:rows, 0] = uniforms
@@ -342,7 +342,7 @@ class SlotStepper:
     def read_logits(self) -> np.ndarray:
         """The last step's logits (rows, V) on the host, valid until the next step (numpy() copies a
         CUDA buffer to the host and views a CPU one)."""
-        return self._bucket.logits.numpy()[: self.rows, 0]
+        return self._bucket.logits.numpy()[: self.rows]
 
     def read_log_z(self) -> np.ndarray:
         """The last step's log softmax denominators (rows,) (for log-probabilities of drawn tokens)."""

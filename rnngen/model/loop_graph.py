@@ -74,7 +74,7 @@ def check_weights(config: ModelConfig, weights: dict[str, np.ndarray]) -> None:
             raise ValueError(f"weight {name} has shape {tuple(weights[name].shape)}, expected {shape}")
 
 
-def _fold_embedding(config: ModelConfig) -> bool:
+def fold_embedding(config: ModelConfig) -> bool:
     """Precompute layer 0's input projection per symbol when that does not grow the file."""
     gh = config.gates * config.hidden_size
     return config.vocab_size * gh <= config.vocab_size * config.input_size + gh * config.input_size
@@ -90,7 +90,7 @@ def graph_weight_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     shapes: dict[str, tuple[int, ...]] = {}
     for k in range(config.num_layers):
         p = f"l{k}_"
-        if k == 0 and _fold_embedding(config):
+        if k == 0 and fold_embedding(config):
             shapes[p + "input_table"] = (vocab, gh)
         else:
             if k == 0:
@@ -116,7 +116,7 @@ def graph_weights(config: ModelConfig, weights: dict[str, np.ndarray]) -> dict[s
         b_ih, b_hh = w[f"rnn.bias_ih_l{k}"], w[f"rnn.bias_hh_l{k}"]
         # GRU keeps b_hh inside the loop (b_hn is multiplied by r); the others fold it into the input side.
         b_in = b_ih if config.cell == "gru" else b_ih + b_hh
-        if k == 0 and _fold_embedding(config):
+        if k == 0 and fold_embedding(config):
             out[layer_weight(k, INPUT_TABLE)] = w["embedding.weight"] @ w_ih.T + b_in  # (V, G*H)
         else:
             if k == 0:
@@ -131,7 +131,7 @@ def graph_weights(config: ModelConfig, weights: dict[str, np.ndarray]) -> dict[s
     return {name: np.array(value, dtype=np.float32, order="C") for name, value in out.items()}
 
 
-class _GraphBuilder:
+class GraphBuilder:
     def __init__(self) -> None:
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
@@ -148,7 +148,7 @@ class _GraphBuilder:
 def _recurrent_body(config: ModelConfig, k: int, xp: str, whh_t: str, bhh: str, split: str) -> onnx.GraphProto:
     """One time step of layer k; reads its input projection xp (T, B, G*H) from the outer scope."""
     p = f"l{k}_"
-    g = _GraphBuilder()
+    g = GraphBuilder()
     hidden = config.hidden_size
     f32 = TensorProto.FLOAT
     inputs = [
@@ -156,18 +156,35 @@ def _recurrent_body(config: ModelConfig, k: int, xp: str, whh_t: str, bhh: str, 
         helper.make_tensor_value_info(p + "cond_in", TensorProto.BOOL, []),
         helper.make_tensor_value_info(p + "h_prev", f32, ["batch", hidden]),
     ]
+    if config.cell == "lstm":
+        inputs.append(helper.make_tensor_value_info(p + "c_prev", f32, ["batch", hidden]))
     # The iteration number may arrive as shape [] or [1]; as a scalar index, Gather drops the time axis.
     t = g.node("Reshape", [p + "iter", "scalar_shape"], p + "t")
     x_t = g.node("Gather", [xp, t], p + "x_t", axis=0)  # (B, G*H): W_xh x_t + b
-    rec = g.node("MatMul", [p + "h_prev", whh_t], p + "rec")  # (B, G*H): W_hh h_{t-1}
+    carried = cell_step(g, config, k, x_t, [p + "h_prev", p + "c_prev"], whh_t, bhh, split)
+    cond_out = g.node("Identity", [p + "cond_in"], p + "cond_out")
+    y_t = g.node("Identity", [carried[0]], p + "y_t")  # scan output: stacked to (T, B, H)
+    outputs = [helper.make_tensor_value_info(cond_out, TensorProto.BOOL, [])]
+    outputs += [helper.make_tensor_value_info(name, f32, ["batch", hidden]) for name in carried]
+    outputs.append(helper.make_tensor_value_info(y_t, f32, ["batch", hidden]))
+    return helper.make_graph(g.nodes, f"layer{k}_step", inputs, outputs)
+
+
+def cell_step(g: "GraphBuilder", config: ModelConfig, k: int, x_t: str, prev: list[str], whh_t: str, bhh: str,
+              split: str) -> list[str]:
+    """Layer k's cell for one time step, as nodes added to `g`: from its input projection x_t
+    (B, G*H) and its previous state `prev` (h, and c for the LSTM; (B, H) each), the new state
+    [h_t] or [h_t, c_t]. The Loop graph's body and the decoding step graph (rnngen.model.step_graph)
+    are both made of it."""
+    p = f"l{k}_"
+    h_prev = prev[0]
+    rec = g.node("MatMul", [h_prev, whh_t], p + "rec")  # (B, G*H): W_hh h_{t-1}
 
     if config.cell == "rnn":
         # h_t = tanh(W_xh x_t + b_xh + W_hh h_{t-1} + b_hh)   (both biases folded into x_t)
         pre = g.node("Add", [x_t, rec], p + "pre")
-        h_t = g.node("Tanh", [pre], p + "h_t")
-        carried = [h_t]
-    elif config.cell == "lstm":
-        inputs.append(helper.make_tensor_value_info(p + "c_prev", f32, ["batch", hidden]))
+        return [g.node("Tanh", [pre], p + "h_t")]
+    if config.cell == "lstm":
         gates = g.node("Add", [x_t, rec], p + "gates")
         names = [p + "i_pre", p + "f_pre", p + "g_pre", p + "o_pre"]
         g.nodes.append(helper.make_node("Split", [gates, split], names, name=p + "split", axis=1))
@@ -176,33 +193,25 @@ def _recurrent_body(config: ModelConfig, k: int, xp: str, whh_t: str, bhh: str, 
         cand = g.node("Tanh", [names[2]], p + "g")  # candidate cell
         o = g.node("Sigmoid", [names[3]], p + "o")  # output gate
         # c_t = f * c_{t-1} + i * g ;  h_t = o * tanh(c_t)
-        fc = g.node("Mul", [f, p + "c_prev"], p + "fc")
+        fc = g.node("Mul", [f, prev[1]], p + "fc")
         ig = g.node("Mul", [i, cand], p + "ig")
         c_t = g.node("Add", [fc, ig], p + "c_t")
         h_t = g.node("Mul", [o, g.node("Tanh", [c_t], p + "tanh_c")], p + "h_t")
-        carried = [h_t, c_t]
-    else:  # gru
-        rec_b = g.node("Add", [rec, bhh], p + "rec_b")  # W_hh h_{t-1} + b_hh
-        xs = [p + "xr", p + "xz", p + "xn"]
-        hs = [p + "hr", p + "hz", p + "hn"]
-        g.nodes.append(helper.make_node("Split", [x_t, split], xs, name=p + "split_x", axis=1))
-        g.nodes.append(helper.make_node("Split", [rec_b, split], hs, name=p + "split_h", axis=1))
-        # r = σ(W_ir x + b_ir + W_hr h + b_hr) ; z = σ(W_iz x + b_iz + W_hz h + b_hz)
-        r = g.node("Sigmoid", [g.node("Add", [xs[0], hs[0]], p + "r_pre")], p + "r")
-        z = g.node("Sigmoid", [g.node("Add", [xs[1], hs[1]], p + "z_pre")], p + "z")
-        # n = tanh(W_in x + b_in + r * (W_hn h + b_hn))
-        n = g.node("Tanh", [g.node("Add", [xs[2], g.node("Mul", [r, hs[2]], p + "r_hn")], p + "n_pre")], p + "n")
-        # h_t = (1 - z) * n + z * h_{t-1}  =  n + z * (h_{t-1} - n)
-        diff = g.node("Sub", [p + "h_prev", n], p + "h_minus_n")
-        h_t = g.node("Add", [n, g.node("Mul", [z, diff], p + "z_diff")], p + "h_t")
-        carried = [h_t]
-
-    cond_out = g.node("Identity", [p + "cond_in"], p + "cond_out")
-    y_t = g.node("Identity", [h_t], p + "y_t")  # scan output: stacked to (T, B, H)
-    outputs = [helper.make_tensor_value_info(cond_out, TensorProto.BOOL, [])]
-    outputs += [helper.make_tensor_value_info(name, f32, ["batch", hidden]) for name in carried]
-    outputs.append(helper.make_tensor_value_info(y_t, f32, ["batch", hidden]))
-    return helper.make_graph(g.nodes, f"layer{k}_step", inputs, outputs)
+        return [h_t, c_t]
+    # gru
+    rec_b = g.node("Add", [rec, bhh], p + "rec_b")  # W_hh h_{t-1} + b_hh
+    xs = [p + "xr", p + "xz", p + "xn"]
+    hs = [p + "hr", p + "hz", p + "hn"]
+    g.nodes.append(helper.make_node("Split", [x_t, split], xs, name=p + "split_x", axis=1))
+    g.nodes.append(helper.make_node("Split", [rec_b, split], hs, name=p + "split_h", axis=1))
+    # r = σ(W_ir x + b_ir + W_hr h + b_hr) ; z = σ(W_iz x + b_iz + W_hz h + b_hz)
+    r = g.node("Sigmoid", [g.node("Add", [xs[0], hs[0]], p + "r_pre")], p + "r")
+    z = g.node("Sigmoid", [g.node("Add", [xs[1], hs[1]], p + "z_pre")], p + "z")
+    # n = tanh(W_in x + b_in + r * (W_hn h + b_hn))
+    n = g.node("Tanh", [g.node("Add", [xs[2], g.node("Mul", [r, hs[2]], p + "r_hn")], p + "n_pre")], p + "n")
+    # h_t = (1 - z) * n + z * h_{t-1}  =  n + z * (h_{t-1} - n)
+    diff = g.node("Sub", [h_prev, n], p + "h_minus_n")
+    return [g.node("Add", [n, g.node("Mul", [z, diff], p + "z_diff")], p + "h_t")]
 
 
 def build_model(config: ModelConfig, weights: dict[str, np.ndarray], metadata: dict[str, str]) -> onnx.ModelProto:
@@ -226,7 +235,7 @@ def model_structure(config: ModelConfig) -> onnx.ModelProto:
     The graph names the weight initializers of `graph_weight_shapes` without holding them;
     its only initializers are the small integer constants the graph itself needs.
     """
-    g = _GraphBuilder()
+    g = GraphBuilder()
     hidden, layers, vocab = config.hidden_size, config.num_layers, config.vocab_size
     f32 = TensorProto.FLOAT
     states = config.state_names
@@ -241,7 +250,7 @@ def model_structure(config: ModelConfig) -> onnx.ModelProto:
     finals: dict[str, list[str]] = {s: [] for s in states}
     for k in range(layers):
         p = f"l{k}_"
-        if k == 0 and _fold_embedding(config):
+        if k == 0 and fold_embedding(config):
             xp = g.node("Gather", [layer_weight(k, INPUT_TABLE), tokens_tb], p + "xp")  # (T, B, G*H)
         else:
             if k == 0:

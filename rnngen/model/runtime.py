@@ -3,7 +3,7 @@
 `RnnModel` holds sessions made from one file: the Loop graph (`run`: T tokens
 in one call), a copy of it that returns the last position's logits only
 (`prefill`: a prompt in chunks of PREFILL_CHUNK tokens, carrying the state), and
-the loop-free step graph derived from it, its state layer by layer, with a sampling head (`step`,
+the loop-free decoding step graph made from it, with a sampling head (`step`,
 `step_sample`, and `step_bound` on buffers bound once: how decoding steps, once per token). Where the runtime has a
 fused kernel that beats the Loop (see FUSED_RUN_CELLS), `run` and `prefill` go
 through a graph of standard ONNX LSTM/GRU/RNN ops
@@ -27,8 +27,7 @@ from rnngen.model.tokenizers import TokenizerKinds
 from rnngen.model.loop_graph import LOGITS, TOKENS, state_output_name
 from rnngen.model.prefill_graph import PREFILL_CHUNK, derive_last_logits_model
 from rnngen.model.step_graph import (LOG_Z, NEXT_TOKEN, SAMPLE_GREEDY, SAMPLE_INV_TEMPERATURE, SAMPLE_UNIFORM, add_sampling_head,
-                                     derive_step_model, layer_state_name, layer_state_output_name, state_by_layer,
-                                     temperature_inputs)
+                                     decoding_step_model, layer_state_name, layer_state_output_name, temperature_inputs)
 
 # Cells whose whole-sequence calls (`run`, `prefill`) go through the fused-op graph, per device.
 # Measured (benchmarks/decode.py, prefill of 1,000 tokens): on an H100 the CUDA provider's fused
@@ -51,7 +50,7 @@ class RnnModel:
         self.state_names = self.config.state_names
         self._state_outputs = [state_output_name(s) for s in self.state_names]
         self._outputs = [LOGITS, *self._state_outputs]
-        # The step graph takes and gives the state layer by layer (see state_by_layer).
+        # The decoding step graph takes and gives the state layer by layer (step_graph.decoding_step_model).
         self._layer_states = [(s, k) for s in self.state_names for k in range(self.config.num_layers)]
         self._step_outputs = [LOGITS, NEXT_TOKEN, LOG_Z, *(layer_state_output_name(s, k) for s, k in self._layer_states)]
         providers = select_providers(device)
@@ -147,13 +146,13 @@ class RnnModel:
         `sampling` comes from `sampling_feeds`. Returns logits (B, V), next tokens (B,), log_z (B,)
         (log of each row's softmax denominator) and the state.
         """
-        feeds = {TOKENS: tokens.reshape(-1, 1)}
+        feeds = {TOKENS: np.asarray(tokens, dtype=np.int64).reshape(-1)}
         feeds.update(sampling)
         feeds.update((layer_state_name(s, k), np.ascontiguousarray(state[s][k], dtype=np.float32)) for s, k in self._layer_states)
         logits, next_tokens, log_z, *layers = self.step_session.run(self._step_outputs, feeds)
         per_state = self.config.num_layers
         new_state = {s: np.stack(layers[i * per_state : (i + 1) * per_state]) for i, s in enumerate(self.state_names)}
-        return logits[:, 0], next_tokens, log_z, new_state
+        return logits, next_tokens, log_z, new_state
 
     def step_bound(self, binding, run_options=None) -> None:
         """A step of the sampling step graph on inputs and outputs bound in an IOBinding of
@@ -172,10 +171,9 @@ def sampling_feeds(batch: int, temperature: np.ndarray | None = None, uniform: n
 
 
 def sampled_step_proto(proto, config: ModelConfig):
-    """The decoding step graph, derived from the model's ModelProto: loop-free, the state layer by
-    layer, with the sampling head."""
-    return add_sampling_head(state_by_layer(derive_step_model(proto), config.state_names, config.num_layers),
-                             config.vocab_size)
+    """The graph decoding steps run (step_graph.decoding_step_model, with the sampling head), from
+    the model's ModelProto."""
+    return add_sampling_head(decoding_step_model(proto, config), config.vocab_size)
 
 
 def full_proto(model_file: ModelFile):

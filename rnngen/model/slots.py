@@ -74,11 +74,11 @@ class _Bound:
         shape = (cfg.num_layers, rows, cfg.hidden_size)
         self.rows = rows
         self.state = [{s: np.zeros(shape, np.float32) for s in model.state_names} for _ in range(2)]
-        self.tokens = np.zeros((rows, 1), np.int64)
+        self.tokens = np.zeros(rows, np.int64)
         self.uniform = np.zeros((rows, 1), np.float32)
         self.inv_temperature = np.ones((rows, 1), np.float32)
         self.greedy = np.ones(rows, dtype=bool)
-        self.logits = np.zeros((rows, 1, cfg.vocab_size), np.float32)
+        self.logits = np.zeros((rows, cfg.vocab_size), np.float32)
         self.next_token = np.zeros(rows, np.int64)
         self.log_z = np.zeros(rows, np.float32)
         self.nbytes = sum(a.nbytes for a in (*self.state[0].values(), *self.state[1].values(), self.tokens, self.uniform,
@@ -265,7 +265,7 @@ class HostSlots:
             bound.greedy[:], bound.inv_temperature[:, 0] = temperature_inputs(self._temperature[: bound.rows])  # padding: greedy
             self._sampling_dirty = False
         rows = self._rows
-        bound.tokens[:rows, 0] = tokens
+        bound.tokens[:rows] = tokens
         if uniforms is not None:
             bound.uniform[:rows, 0] = uniforms
         self.model.step_bound(bound.bindings[self._parity])
@@ -274,7 +274,7 @@ class HostSlots:
 
     def read_logits(self) -> np.ndarray:
         """The last step's logits (rows, V): a view, valid until the next step."""
-        return self._bound.logits[: self._rows, 0]
+        return self._bound.logits[: self._rows]
 
     def read_log_z(self) -> np.ndarray:
         return self._bound.log_z[: self._rows]

@@ -1,14 +1,21 @@
-"""The loop-free step graph, derived from a model's own Loop graph.
+"""Loop-free graphs for one token at a time, made from a model's own Loop graph.
 
-Decoding calls the model with time = 1 once per token. Through the Loop graph
-that costs a Loop per layer (onnxruntime sets up a subgraph frame each time);
-the step graph is the same model with every Loop replaced by one inlined copy
-of its body, so a step is a plain graph of a few matrix products.
+Decoding calls the model once per token. Through the Loop graph that costs a
+Loop per layer (onnxruntime sets up a subgraph frame each time); a step graph
+is a plain graph of a few matrix products. Two are made here, neither stored:
 
-Derived, not stored: any rnngen model gets it, built from the Loop graph that
-runs (rnngen's own graph with the file's weights, never the file's graph), so
-it computes exactly what the Loop graph computes for one time step (tests hold
-the two to each other).
+- `derive_step_model`: the model's own interface at time = 1 (tokens (B, 1),
+  state (L, B, H)), every Loop replaced by one inlined copy of its body. Layer
+  introspection (rnngen.inspect) and the benchmarks' bare baseline use it.
+- `decoding_step_model`: what the decoding engine runs, with the sampling head
+  of `add_sampling_head`: the same cells (rnngen.model.loop_graph.cell_step) with
+  the same weights, but tokens (B,), logits (B, V) and each layer's state as a
+  tensor of its own, so no node only moves data between the model's interface
+  and the cells.
+
+Both come from rnngen's own graph with the file's weights (never the file's
+graph), and compute what the Loop graph computes for one time step (tests hold
+them to it).
 """
 
 from __future__ import annotations
@@ -17,7 +24,9 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from rnngen.model.loop_graph import state_output_name
+from rnngen.model.config import ModelConfig
+from rnngen.model.loop_graph import (B_HH, B_IN, DECODER_B, DECODER_W_T, EMBEDDING, INPUT_TABLE, LOGITS, TOKENS, W_HH_T,
+                                     W_IH_T, GraphBuilder, cell_step, fold_embedding, layer_weight)
 
 STEP_ITER = "step__iteration"  # the one iteration's number: 0
 STEP_COND = "step__condition"
@@ -92,7 +101,7 @@ def _live_nodes(nodes: list[onnx.NodeProto], outputs: list[str]) -> list[onnx.No
 
 
 def layer_state_name(state: str, layer: int) -> str:
-    """The decoding step graph's input for one layer's state (B, H) (see state_by_layer)."""
+    """The decoding step graph's input for one layer's state (B, H) (see decoding_step_model)."""
     return f"{state}_l{layer}"
 
 
@@ -100,64 +109,61 @@ def layer_state_output_name(state: str, layer: int) -> str:
     return f"{state}_out_l{layer}"
 
 
-def state_by_layer(step: onnx.ModelProto, state_names: tuple[str, ...], num_layers: int) -> onnx.ModelProto:
-    """A copy of the step graph that takes and gives each layer's state as its own tensor (B, H):
-    inputs `layer_state_name(s, k)`, outputs `layer_state_output_name(s, k)`.
+def decoding_step_model(model: onnx.ModelProto, config: ModelConfig) -> onnx.ModelProto:
+    """The graph decoding runs once per token: one token per row through every layer, with the
+    weights of `model` (rnngen's own graph, see rnngen.model.canonical).
 
-    The model's interface stacks the layers (L, B, H): the step graph then splits them with a
-    Gather per layer and state, and joins them with an Unsqueeze per layer and a Concat, copying
-    the whole state every step. Decoding binds each layer's slice of its (L, B, H) arrays instead
-    (rnngen.model.slots, rnngen.model.graph_stepper): the same arithmetic, ten fewer nodes for a
-    2-layer LSTM. The step graph is rnngen's own (rnngen.model.loop_graph), whose splits and joins
-    have exactly this form; anything else is refused.
+      inputs   tokens  int64   (batch,)
+               each layer's state: layer_state_name(s, k)          float32 (batch, hidden)
+      outputs  logits  float32 (batch, vocab)
+               each layer's new state: layer_state_output_name(s, k) float32 (batch, hidden)
+
+    Built from the same cell as the Loop graph's body (loop_graph.cell_step), so it computes
+    what the Loop graph computes for one time step (tests hold the two to each other). It differs
+    from `derive_step_model` (the model's interface at time 1) only in where tensors come from:
+    no time axis (the inlined body takes its step out of a (1, B, .) tensor and stacks it back
+    into one, with a Transpose, Gather or Unsqueeze each time), and the state layer by layer,
+    which decoding binds to each layer's slice of its (L, B, H) arrays (rnngen.model.slots,
+    rnngen.model.graph_stepper) where the stacked interface would split and join it, copying it,
+    every step. After onnxruntime's own optimisations the shipped 2-layer LSTM's step runs 25 nodes
+    instead of 43.
     """
-    model = onnx.ModelProto()
-    model.CopyFrom(step)
-    g = model.graph
-    constants = {t.name: numpy_helper.to_array(t) for t in g.initializer}
-    producer = {out: n for n in g.node for out in n.output}
-    rename: dict[str, str] = {}  # tensor -> its new name (a per-layer input or output)
-    dropped: set[int] = set()  # ids of the split and join nodes
-    for node in g.node:  # splits: Gather(state, k) -> layer k's state
-        if node.op_type == "Gather" and node.input[0] in state_names:
-            layer = constants.get(node.input[1])
-            if layer is None or layer.shape != () or any(a.name == "axis" and a.i != 0 for a in node.attribute):
-                raise ValueError(f"step graph: {node.name} does not take one layer of {node.input[0]}")
-            rename[node.output[0]] = layer_state_name(node.input[0], int(layer))
-            dropped.add(id(node))
-    for s in state_names:  # joins: Concat(Unsqueeze(layer 0's), ...) or Identity(Unsqueeze(...)) for one layer
-        join = producer[state_output_name(s)]
-        parts = [producer[name] for name in join.input]
-        if join.op_type not in ("Concat", "Identity") or len(parts) != num_layers or any(p.op_type != "Unsqueeze" for p in parts):
-            raise ValueError(f"step graph: {state_output_name(s)} is not its layers stacked")
-        for k, part in enumerate(parts):
-            rename[part.input[0]] = layer_state_output_name(s, k)
-            dropped.add(id(part))
-        dropped.add(id(join))
-    nodes = []
-    for node in g.node:
-        if id(node) in dropped:
-            continue
-        copy = onnx.NodeProto()
-        copy.CopyFrom(node)
-        copy.ClearField("input")
-        copy.input.extend(rename.get(name, name) for name in node.input)
-        copy.ClearField("output")
-        copy.output.extend(rename.get(name, name) for name in node.output)
-        nodes.append(copy)
-    f32 = onnx.TensorProto.FLOAT
-    hidden = next(i for i in g.input if i.name == state_names[0]).type.tensor_type.shape.dim[2]
-    per_layer = [(s, k) for s in state_names for k in range(num_layers)]
-    inputs = [i for i in g.input if i.name not in state_names]
-    inputs += [helper.make_tensor_value_info(layer_state_name(s, k), f32, ["batch", hidden.dim_value]) for s, k in per_layer]
-    outputs = [o for o in g.output if o.name not in {state_output_name(s) for s in state_names}]
-    outputs += [helper.make_tensor_value_info(layer_state_output_name(s, k), f32, ["batch", hidden.dim_value]) for s, k in per_layer]
-    used = {name for n in nodes for name in n.input}
-    initializers = [t for t in g.initializer if t.name in used]
-    for field, values in (("node", nodes), ("input", inputs), ("output", outputs), ("initializer", initializers)):
-        g.ClearField(field)
-        getattr(g, field).extend(values)
-    return model
+    g = GraphBuilder()
+    states = config.state_names
+    split = g.const("gate_split", np.full(config.gates, config.hidden_size, dtype=np.int64))
+    layer_input = TOKENS
+    renames: dict[str, str] = {}
+    for k in range(config.num_layers):
+        p = f"l{k}_"
+        if k == 0 and fold_embedding(config):
+            x_t = g.node("Gather", [layer_weight(k, INPUT_TABLE), TOKENS], p + "xp")  # (B, G*H)
+        else:
+            if k == 0:
+                layer_input = g.node("Gather", [EMBEDDING, TOKENS], "embedded")
+            proj = g.node("MatMul", [layer_input, layer_weight(k, W_IH_T)], p + "proj")
+            x_t = g.node("Add", [proj, layer_weight(k, B_IN)], p + "xp")
+        bhh = layer_weight(k, B_HH) if config.cell == "gru" else ""
+        prev = [layer_state_name(s, k) for s in states]
+        new = cell_step(g, config, k, x_t, prev, layer_weight(k, W_HH_T), bhh, split)
+        renames.update({made: layer_state_output_name(s, k) for s, made in zip(states, new)})
+        layer_input = new[0]
+    g.node("Add", [g.node("MatMul", [layer_input, DECODER_W_T], "decoder_mm"), DECODER_B], LOGITS)
+    for node in g.nodes:  # the new states are the graph's outputs themselves (no Identity copies them out)
+        node.input[:] = [renames.get(name, name) for name in node.input]
+        node.output[:] = [renames.get(name, name) for name in node.output]
+
+    f32, hidden = onnx.TensorProto.FLOAT, config.hidden_size
+    per_layer = [(s, k) for s in states for k in range(config.num_layers)]
+    inputs = [helper.make_tensor_value_info(TOKENS, onnx.TensorProto.INT64, ["batch"])]
+    inputs += [helper.make_tensor_value_info(layer_state_name(s, k), f32, ["batch", hidden]) for s, k in per_layer]
+    outputs = [helper.make_tensor_value_info(LOGITS, f32, ["batch", config.vocab_size])]
+    outputs += [helper.make_tensor_value_info(layer_state_output_name(s, k), f32, ["batch", hidden]) for s, k in per_layer]
+    used = {name for n in g.nodes for name in n.input}
+    weights = [t for t in model.graph.initializer if t.name in used and t.name not in {c.name for c in g.initializers}]
+    graph = helper.make_graph(g.nodes, model.graph.name + "_decoding_step", inputs, outputs, g.initializers + weights)
+    step = helper.make_model(graph, opset_imports=list(model.opset_import), producer_name=model.producer_name)
+    step.ir_version = model.ir_version
+    return step
 
 
 SAMPLE_INV_TEMPERATURE = "inv_temperature"  # (B, 1) float32: 1 / temperature (1 for greedy rows)
@@ -177,8 +183,8 @@ NEXT_TOKEN = "next_token"  # (B,) int64
 LOG_Z = "log_z"  # (B,) float32: log of the softmax denominator of the logits (for log-probabilities)
 
 
-def add_sampling_head(step: onnx.ModelProto, vocab_size: int, logits_name: str = "logits") -> onnx.ModelProto:
-    """The step graph plus temperature sampling of the next token, inside the graph.
+def add_sampling_head(step: onnx.ModelProto, vocab_size: int, logits_name: str = LOGITS) -> onnx.ModelProto:
+    """The decoding step graph (logits (B, V)) plus temperature sampling of the next token, inside the graph.
 
     next_token = argmax(logits) for greedy rows, else the inverse-CDF draw at `uniform` from the
     weights exp((logits - max) / temperature) (the first token whose cumulative weight exceeds
@@ -205,7 +211,7 @@ def add_sampling_head(step: onnx.ModelProto, vocab_size: int, logits_name: str =
         g.node.append(helper.make_node(op, inputs, [output], name="head/" + output, **attrs))
         return output
 
-    flat = node("Squeeze", [logits_name, "head_axis1"], "head_logits")  # (B, V)
+    flat = logits_name  # (B, V)
     peak = node("ReduceMax", [flat], "head_peak", axes=[1], keepdims=1)  # (B, 1)
     shifted = node("Sub", [flat, peak], "head_shifted")  # <= 0
     total_1 = node("ReduceSum", [node("Exp", [shifted], "head_exp"), "head_axis1"], "head_sum", keepdims=0)
