@@ -10,7 +10,8 @@ from onnx import TensorProto, helper
 from rnngen.model.config import ModelConfig
 from rnngen.errors import DeviceError, InvalidParameterError, ModelFormatError
 from rnngen.model.file import FORMAT_VERSION, read_model_file
-from rnngen.model.runtime import RnnModel
+from rnngen.model.runtime import RnnModel, full_proto
+from rnngen.model.step_graph import decoding_step_model
 from rnngen.model.devices import cuda_unusable_reason, select_providers
 from rnngen.model.tokenizers import CharTokenizer
 
@@ -193,6 +194,8 @@ def test_the_decoding_step_takes_each_layers_state_and_steps_as_the_loop_graph(c
     model = RnnModel.load(write_model(tmp_path / "m.onnx", config, char_tokenizer))
     names = [i.name for i in model.step_session.get_inputs()] + [o.name for o in model.step_session.get_outputs()]
     assert not set(config.state_names) & set(names)  # no stacked state in or out
+    ops = {n.op_type for n in decoding_step_model(full_proto(model.file), config).graph.node}
+    assert not ops & {"Transpose", "Unsqueeze", "Squeeze", "Concat", "Identity", "Loop"}  # nothing that only moves data
     gen = np.random.default_rng(0)
     tokens = gen.integers(0, config.vocab_size, (3, 7))
     state = {s: gen.normal(0, 0.5, (layers, 3, 9)).astype(np.float32) for s in config.state_names}
