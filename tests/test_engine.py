@@ -695,6 +695,62 @@ def test_slot_generators_draw_what_each_rows_own_generator_draws():
         assert g.random() == twins[slot].random()
 
 
+def test_slot_generators_hand_out_each_rows_own_numbers_in_step_and_out_of_step():
+    """`random_range` over rows at one position in their blocks (a column at a time) and at several,
+    mixed with one row drawing alone, a row joining, a reorder and snapshots, across block refills:
+    every row draws its own generator's numbers, and its snapshot goes on from there."""
+    from rnngen.decoding.random_streams import BLOCK, SlotGenerators
+
+    def start(rows: int):
+        streams, twins = SlotGenerators(4), {}
+        for slot in range(rows):
+            streams.load(slot, row_generator(5, slot))
+            twins[slot] = row_generator(5, slot)
+        return streams, twins
+
+    def draw(streams, twins, steps: int, n: int) -> None:
+        for _ in range(steps):
+            assert streams.random_range(n).tolist() == [twins[s].random() for s in range(n)]
+
+    def snapshots_go_on(streams, twins) -> None:
+        for slot, twin in twins.items():
+            snapshot = row_generator(0, 99)
+            streams.store(slot, snapshot)
+            assert snapshot.bit_generator.state == twin.bit_generator.state
+
+    streams, twins = start(3)
+    draw(streams, twins, 2 * BLOCK + 20, 3)  # in step, past two refills
+    assert streams.random(np.array([1])).tolist() == [twins[1].random()]  # row 1 now one ahead
+    draw(streams, twins, BLOCK + 10, 3)  # out of step: the rows' blocks run out at different steps
+    streams.load(3, row_generator(5, 3))
+    twins[3] = row_generator(5, 3)
+    draw(streams, twins, BLOCK, 4)
+    snapshots_go_on(streams, twins)
+
+    streams, twins = start(2)
+    draw(streams, twins, 10, 2)
+    snapshots_go_on(streams, twins)  # taken while in step
+    draw(streams, twins, 10, 2)
+    streams.gather(np.array([1, 0]))  # reordered while in step
+    twins = {0: twins[1], 1: twins[0]}
+    draw(streams, twins, BLOCK, 2)
+    snapshots_go_on(streams, twins)
+
+    streams, twins = start(3)
+    draw(streams, twins, 10, 2)  # rows 0 and 1 in step; row 2 has drawn nothing
+    streams.gather(np.array([2, 0, 1]))
+    twins = {0: twins[2], 1: twins[0], 2: twins[1]}
+    draw(streams, twins, 10, 3)
+    snapshots_go_on(streams, twins)
+
+    streams, twins = start(2)
+    draw(streams, twins, 10, 2)
+    streams.load(1, row_generator(5, 7))  # a new row in slot 1 while the rows are in step
+    twins[1] = row_generator(5, 7)
+    draw(streams, twins, 10, 2)
+    snapshots_go_on(streams, twins)
+
+
 def test_draws_never_round_up_to_one_in_the_graph(rnn):
     """A double just below 1 would be 1.0 as the graph's float32 and land past every token's
     cumulative probability (on a token without probability); draws are lowered to BELOW_ONE."""

@@ -573,7 +573,8 @@ def test_concurrent_streams_token_ids_and_text_add_up_message_by_message(kind, s
     path = char_model_file if kind == "char" else byte_model_file
     server = start_server(models=path, message_rate=2000.0)
     local = RnnModel.load(path, device="cpu")
-    jobs = [GenerationParams(max_new_tokens=100 + 37 * s, seed=s, temperature=1.3) for s in range(8)]
+    # Long enough to outlast several intervals (4 ms at 8 streams) however fast the steps are here.
+    jobs = [GenerationParams(max_new_tokens=2000 + 37 * s, seed=s, temperature=1.3) for s in range(8)]
     results = [None] * len(jobs)
 
     def run(i):
