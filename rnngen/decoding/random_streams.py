@@ -115,7 +115,8 @@ class SlotGenerators:
 
     def random_range(self, n: int) -> np.ndarray:
         """`random(np.arange(n))`, with fewer array operations: blocks are refilled only when one may be
-        used up, and rows at one position take a column of the blocks. The values are valid until the next draw."""
+        used up, and rows at one position take a column of the blocks (a view: read it before the next
+        draw, and never write to it)."""
         at = self._aligned
         if 0 <= at < BLOCK and self._aligned_rows == n:
             self._aligned = at + 1
