@@ -65,7 +65,7 @@ class RnnModel:
         if device == "cuda" and CUDA_PROVIDER not in self.providers:
             raise DeviceError("--device cuda: onnxruntime did not enable the CUDA provider for this model")
         proto = full_proto(model_file)
-        # Decoding steps go through the loop-free step graph derived from the same file, with
+        # Decoding steps go through the loop-free decoding step graph made from the same file, with
         # temperature sampling of the next token added inside it (rows that need more use the logits).
         step_proto = sampled_step_proto(proto, self.config)
         self.step_session = ort.InferenceSession(step_proto.SerializeToString(), sess_options=so, providers=self.providers)

@@ -119,7 +119,8 @@ def decoding_step_model(model: onnx.ModelProto, config: ModelConfig) -> onnx.Mod
                each layer's new state: layer_state_output_name(s, k) float32 (batch, hidden)
 
     Built from the same cell as the Loop graph's body (loop_graph.cell_step), so it computes
-    what the Loop graph computes for one time step (tests hold the two to each other). It differs
+    what the Loop graph computes for one time step (tests hold the two to each other; the last
+    bits differ, since onnxruntime fuses its 2-D products and their biases into Gemms). It differs
     from `derive_step_model` (the model's interface at time 1) only in where tensors come from:
     no time axis (the inlined body takes its step out of a (1, B, .) tensor and stacks it back
     into one, with a Transpose, Gather or Unsqueeze each time), and the state layer by layer,
