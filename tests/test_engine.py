@@ -217,6 +217,27 @@ def test_rows_joining_at_other_steps_end_at_their_own_limits_with_all_their_unre
         assert row.text == alone(rnn, "the " * (i + 1), p)
 
 
+def test_a_row_whose_processor_fails_ends_with_the_tokens_it_got_and_the_others_go_on(rnn):
+    """A failing processor ends its own row at that step, with no token for it; its neighbours'
+    counts and texts are as if it had not been there."""
+    tok = rnn.tokenizer
+    fine = GenerationParams(max_new_tokens=30, seed=1, temperature=0.9)
+    failing = GenerationParams(max_new_tokens=30, seed=2, processors=("only:xyz", "ban:xyz"))  # nothing left to choose
+    engine = DecodeEngine(rnn)
+    ids = tok.encode("the ")
+    rows = [make_row(rnn, ids, fine, 0)]
+    engine.add(rows, *engine.prefill(ids))
+    for _ in range(5):
+        engine.step()
+    rows.append(make_row(rnn, ids, failing, 1))
+    engine.add(rows[1:], *engine.prefill(ids))
+    run_to_end(engine)
+    assert rows[1].finish_reason == "error" and "no token is left" in str(rows[1].error)
+    assert rows[1].count == 0 and rows[1].text == ""
+    assert rows[0].finish_reason == "length" and rows[0].count == 30
+    assert rows[0].text == alone(rnn, "the ", fine)
+
+
 def test_rows_join_leave_copy_and_reorder_between_steps(rnn):
     tok = rnn.tokenizer
     pa = GenerationParams(max_new_tokens=50, seed=1)

@@ -610,7 +610,7 @@ def test_between_collections_a_streams_text_is_not_made_step_by_step(start_serve
         stream = client.generate("the ", params=GenerationParams(max_new_tokens=100_000, seed=2))
         first = next(stream)  # its first token, sent at once
         assert len(first.text) == 1
-        assert wait_until(lambda: engine._a["count"][0] > 200, timeout=10)
+        assert wait_until(lambda: engine._count(0) > 200, timeout=10)
         assert engine._a["decoded"][0] <= 1  # 200 steps, no text made since the first token
         stream.cancel()
 

@@ -45,9 +45,10 @@ FINISH_INTERRUPTED = "interrupted"  # the caller asked the row to leave early (R
 
 WINDOW = HISTORY_WINDOW
 
-# Per-slot arrays: name -> (dtype, value in a free slot). Besides these, "count" (tokens generated)
-# and "written" (tokens, prompt and output, written to the window ring) are the two columns of one
-# array (DecodeEngine._tally), since every step adds one to both for every row.
+# Per-slot arrays: name -> (dtype, value in a free slot). Besides these, a row's count (tokens
+# generated) and written (tokens, prompt and output, written to the window ring) grow by one at
+# every step for every row, as the ring's column counter does: DecodeEngine._tally keeps both less
+# that counter, so a step adds to neither (DecodeEngine._count, _written).
 _SLOT_FIELDS = {
     "last": (np.int64, 0),  # the last token: fed to the model at the next step
     "logprob": (np.float64, 0.0),  # summed log-probability of the generated tokens
@@ -125,9 +126,9 @@ class StepUpdates:
             if self._counts is not None:
                 self._count_list = self._counts.tolist()
             elif engine._live is self.slots and not engine._dirty:  # the rows are where they were
-                self._count_list = (engine._a["count"][self.slots] - behind).tolist()
+                self._count_list = (engine._count(self.slots) - behind).tolist()
             else:
-                self._count_list = [int(engine._a["count"][row.slot]) - behind if row.engine is engine else 0
+                self._count_list = [int(engine._count(row.slot)) - behind if row.engine is engine else 0
                                     for row in self.rows]
         return self._count_list
 
@@ -199,7 +200,7 @@ class StepUpdates:
         if self._made or engine._steps != self._step or engine._live is not self.slots or engine._dirty:
             return None
         a = engine._a
-        counts = a["count"][self.slots]
+        counts = engine._count(self.slots)
         behind = counts - a["decoded"][self.slots]
         if (behind > 1).any():
             return None
@@ -258,8 +259,7 @@ class DecodeEngine:
         self._p = {name: np.zeros(0, dtype) for name, (dtype, _) in _PARAM_FIELDS.items()}
         self._used = np.zeros(0, dtype=bool)
         self._row_at = np.empty(0, dtype=object)  # the Row in each slot (None: free)
-        self._tally = np.zeros((0, 2), dtype=np.int64)  # per slot: count, written (a["count"], a["written"])
-        self._a["count"], self._a["written"] = self._tally[:, 0], self._tally[:, 1]
+        self._tally = np.zeros((0, 2), dtype=np.int64)  # per slot: count and written, less _ring_at (see _count)
         # Each slot's last WINDOW tokens. Every row's token of one step goes to the same column,
         # ring_at % WINDOW, so that a step writes one column (each row's "shift" says where its tokens are).
         self._ring = np.zeros((0, WINDOW), dtype=np.int32)
@@ -350,7 +350,7 @@ class DecodeEngine:
     def sync(self, row: Row, decode: bool = False) -> None:
         """Write the row's record back from the slot arrays (and, with `decode`, make its pending text)."""
         slot, a = row.slot, self._a
-        row._count, row._last_token, row._logprob = int(a["count"][slot]), int(a["last"][slot]), float(a["logprob"][slot])
+        row._count, row._last_token, row._logprob = int(self._count(slot)), int(a["last"][slot]), float(a["logprob"][slot])
         row._history.clear()
         row._history.extend(self._window(slot).tolist())
         if row._seen is not None:
@@ -373,7 +373,7 @@ class DecodeEngine:
         else:
             slots = np.array([row.slot for row in rows if row.engine is self], dtype=np.int64)
         out = []
-        for slot in slots[a["count"][slots] > a["decoded"][slots]].tolist():
+        for slot in slots[self._count(slots) > a["decoded"][slots]].tolist():
             ids: list[int] = []
             text = self._decode(slot, ids=ids)
             out.append((self._row_at[slot], text, ids))
@@ -420,6 +420,7 @@ class DecodeEngine:
             ok = np.ones(len(live), dtype=bool)
             ok[failed] = False
             self._record(live[ok], tokens[ok], logprobs[ok])
+            self._tally[live[~ok]] -= 1  # no token for these rows (they leave now): their tallies stay
         else:
             ok = self._all_ok
             self._record(self._slot_range if self._contiguous else live, tokens, logprobs)
@@ -429,7 +430,7 @@ class DecodeEngine:
         self._length_due -= 1
         self._decode_due -= 1
         if self._length_due <= 0 or failed or self._interrupting or self._stop_positions:
-            counts = a["count"][live]
+            counts = self._count(live)
             finished = (counts >= a["max_new"][live]) | ~ok
             self._length_due = int((a["max_new"][live] - counts).min())
         else:
@@ -445,7 +446,7 @@ class DecodeEngine:
                 finished[i] |= self._row_at[live[i]].stops.stopped
         if self._decode_due <= 0:
             # Text nobody read is made before the window forgets its tokens (it comes with this update).
-            counts = a["count"][live] if counts is None else counts
+            counts = self._count(live) if counts is None else counts
             behind = counts - a["decoded"][live]
             for i in np.flatnonzero(behind >= WINDOW // 2).tolist():
                 texts[i] = texts.get(i, "") + self._decode(live[i], ids=made_ids.setdefault(i, []))
@@ -481,7 +482,7 @@ class DecodeEngine:
                 errors[i] = row.error
             elif row.stops.stopped:
                 row.finish_reason = FINISH_STOP
-            elif row.leave and a["count"][slot] < a["max_new"][slot]:
+            elif row.leave and self._count(slot) < a["max_new"][slot]:
                 row.finish_reason = FINISH_INTERRUPTED  # unflushed: its continuation elsewhere shows the rest
             else:
                 if not row.capture_state:  # a row to be resumed keeps unfinished text for its continuation
@@ -493,11 +494,19 @@ class DecodeEngine:
             self.sync(row)
         self._leave(slots)
 
+    def _count(self, slots):
+        """Tokens the rows in `slots` (a slot, an array or a slice) have generated."""
+        return self._tally[slots, 0] + self._ring_at
+
+    def _written(self, slots):
+        """Tokens, prompt and output, the rows in `slots` have written to the ring."""
+        return self._tally[slots, 1] + self._ring_at
+
     def _record(self, slots: np.ndarray | slice, tokens: np.ndarray, logprobs: np.ndarray) -> None:
         """The slots' new tokens into their records (`slots`: an index array, or a slice over every used slot)."""
         a = self._a
         index = self._rp.row_index if isinstance(slots, slice) else slots  # seen and counts want an array of rows
-        self._tally[slots] += 1  # count and written
+        # count and written grow with _ring_at (see _count)
         a["logprob"][slots] += logprobs
         a["last"][slots] = tokens
         self._ring[slots, self._ring_at % WINDOW] = tokens
@@ -639,7 +648,6 @@ class DecodeEngine:
             for name, (dtype, fill) in fields.items():
                 table[name] = np.concatenate([table[name], np.full(extra, fill if table is self._a else 0, dtype=dtype)])
         self._tally = np.concatenate([self._tally, np.zeros((extra, 2), dtype=np.int64)])
-        self._a["count"], self._a["written"] = self._tally[:, 0], self._tally[:, 1]
         self._used = np.concatenate([self._used, np.zeros(extra, dtype=bool)])
         self._row_at = np.concatenate([self._row_at, np.empty(extra, dtype=object)])
         self._ring = np.concatenate([self._ring, np.zeros((extra, WINDOW), dtype=np.int32)])
@@ -656,12 +664,12 @@ class DecodeEngine:
         for name, (_, attr) in _PARAM_FIELDS.items():
             value = getattr(params, attr)
             p[name][slot] = bool(value) if name == "custom" else value
-        a["count"][slot] = a["decoded"][slot] = row._count
+        self._tally[slot, 0], a["decoded"][slot] = row._count - self._ring_at, row._count
         a["last"][slot], a["logprob"][slot] = row._last_token, row._logprob
         history = list(row._history)[-WINDOW:]
         a["shift"][slot] = (self._ring_at - len(history)) % WINDOW  # the row's next token goes to ring_at's column
         self._ring[slot, (np.arange(len(history)) + a["shift"][slot]) % WINDOW] = history
-        a["written"][slot] = len(history)
+        self._tally[slot, 1] = len(history) - self._ring_at
         a["max_new"][slot], a["has_stops"][slot] = params.max_new_tokens, bool(params.stop)
         first, row.first_sample = row.first_sample, None  # a resumed row's first token, sampled in the graph
         a["next"][slot], a["log_z"][slot] = first if first else (-1, np.nan)
@@ -754,27 +762,27 @@ class DecodeEngine:
         self._all_ok = np.ones(n, dtype=bool)
         self._none_finished = np.zeros(n, dtype=bool)
         self._none_finished.flags.writeable = False  # shared by the steps' updates
-        counts = self._a["count"][live]
+        counts = self._count(live)
         self._length_due = int((self._a["max_new"][live] - counts).min()) if n else 0
         self._decode_due = WINDOW // 2 - int((counts - self._a["decoded"][live]).max()) if n else 0
         self._dirty = False
 
     def _window(self, slot: int) -> np.ndarray:
         """The slot's last WINDOW tokens (prompt and output), oldest first."""
-        written, shift = int(self._a["written"][slot]), int(self._a["shift"][slot])
+        written, shift = int(self._written(slot)), int(self._a["shift"][slot])
         return self._ring[slot, (np.arange(max(written - WINDOW, 0), written) + shift) % WINDOW]
 
     def _decode(self, slot: int, upto: int | None = None, ids: list | None = None) -> str:
         """The text of the slot's generated tokens not yet decoded (up to token `upto`), into its row
         (and their ids onto `ids`, when given)."""
         a = self._a
-        count = int(a["count"][slot])
+        count = int(self._count(slot))
         upto = count if upto is None else int(upto)
         done = int(a["decoded"][slot])
         if upto <= done:
             return ""
         row = self._row_at[slot]
-        end = int(a["written"][slot]) - (count - upto) + int(a["shift"][slot])  # past the last token's column
+        end = int(self._written(slot)) - (count - upto) + int(a["shift"][slot])  # past the last token's column
         if upto - done == 1:  # a reader that keeps up: one token, no index array
             token = int(self._ring[slot, (end - 1) % WINDOW])
             text = row.decoder.push(token)
