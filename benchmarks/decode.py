@@ -147,7 +147,7 @@ def bench_model(label: str, path: Path, config, weights, device: str, batches: l
     import onnx
     import onnxruntime as ort
 
-    from rnngen.model.step_graph import decoding_step_model, derive_step_model, layer_state_name
+    from rnngen.model.step_graph import decoding_step_model, derive_step_model, layer_state_name, layer_states
 
     model = RnnModel.load(path, device=device)
     lines = []
@@ -164,7 +164,7 @@ def bench_model(label: str, path: Path, config, weights, device: str, batches: l
     own = ort.InferenceSession(decoding_step_model(onnx.load(str(path)), config).SerializeToString(), so,
                                providers=model.providers)
     own_outputs = [o.name for o in own.get_outputs()]
-    layers = [(s, k) for s in model.state_names for k in range(config.num_layers)]
+    layers = layer_states(config)
 
     def bare_steps(batch: int, steps: int = block):
         state = model.initial_state(batch)
@@ -179,7 +179,8 @@ def bench_model(label: str, path: Path, config, weights, device: str, batches: l
         return run
 
     def own_steps(batch: int, steps: int = block):
-        state = {layer_state_name(s, k): v[k] for s, v in model.initial_state(batch).items() for k in range(config.num_layers)}
+        zeros = model.initial_state(batch)
+        state = {layer_state_name(s, k): zeros[s][k] for s, k in layers}
         feeds = {"tokens": np.zeros(batch, np.int64)}
 
         def run():

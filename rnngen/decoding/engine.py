@@ -776,13 +776,14 @@ class DecodeEngine:
         """The text of the slot's generated tokens not yet decoded (up to token `upto`), into its row
         (and their ids onto `ids`, when given)."""
         a = self._a
-        count = int(self._count(slot))
-        upto = count if upto is None else int(upto)
+        count_less, written_less = self._tally[slot].tolist()  # both less the ring's counter (see _count)
+        upto = count_less + self._ring_at if upto is None else int(upto)
         done = int(a["decoded"][slot])
         if upto <= done:
             return ""
         row = self._row_at[slot]
-        end = int(self._written(slot)) - (count - upto) + int(a["shift"][slot])  # past the last token's column
+        # Past the last token's column: written - (count - upto) + shift, where the counter cancels out.
+        end = written_less - count_less + upto + int(a["shift"][slot])
         if upto - done == 1:  # a reader that keeps up: one token, no index array
             token = int(self._ring[slot, (end - 1) % WINDOW])
             text = row.decoder.push(token)

@@ -39,7 +39,7 @@ from rnngen.model.devices import CUDA_PROVIDER, ort_session_options
 from rnngen.model.loop_graph import IR_VERSION, LOGITS, OPSET, TOKENS, state_output_name
 from rnngen.model.runtime import RnnModel, full_proto, sampled_step_proto
 from rnngen.model.step_graph import (LOG_Z, NEXT_TOKEN, SAMPLE_GREEDY, SAMPLE_INV_TEMPERATURE, SAMPLE_UNIFORM,
-                                     layer_state_name, layer_state_output_name, temperature_inputs)
+                                     layer_state_name, layer_state_output_name, layer_states, temperature_inputs)
 
 SLOTS = "slots"  # (n,) int64: slot indices of the slot-operation graphs
 ROWS_SUFFIX = "_rows"  # (L, n, H): rows written into slots
@@ -113,12 +113,11 @@ class _Bucket:
                 binding.bind_ortvalue_input(name, value)
             for name, value in ((LOGITS, self.logits), (NEXT_TOKEN, self.next_token), (LOG_Z, self.log_z)):
                 binding.bind_ortvalue_output(name, value)
-            for s in stepper.model.state_names:  # each layer's state: its slice (size, H) of the (L, size, H) buffer
-                for k in range(cfg.num_layers):
-                    binding.bind_input(layer_state_name(s, k), stepper.device_type, 0, np.float32, [size, cfg.hidden_size],
-                                       self._layer_address(self.state[parity][s], k))
-                    binding.bind_output(layer_state_output_name(s, k), stepper.device_type, 0, np.float32,
-                                        [size, cfg.hidden_size], self._layer_address(self.state[1 - parity][s], k))
+            for s, k in layer_states(cfg):  # each layer's state: its slice (size, H) of the (L, size, H) buffer
+                binding.bind_input(layer_state_name(s, k), stepper.device_type, 0, np.float32, [size, cfg.hidden_size],
+                                   self._layer_address(self.state[parity][s], k))
+                binding.bind_output(layer_state_output_name(s, k), stepper.device_type, 0, np.float32,
+                                    [size, cfg.hidden_size], self._layer_address(self.state[1 - parity][s], k))
             self.bindings.append(binding)
             options = ort.RunOptions()
             options.add_run_config_entry("gpu_graph_id", str(2 * index + parity))  # one captured graph each
@@ -131,7 +130,7 @@ class _Bucket:
     def _layer_address(value, layer: int) -> int:
         """Where layer `layer` of a contiguous (L, B, H) float32 buffer starts."""
         _, batch, hidden = value.shape()
-        return value.data_ptr() + layer * batch * hidden * 4
+        return value.data_ptr() + layer * batch * hidden * np.dtype(np.float32).itemsize
 
 
 class SlotStepper:

@@ -27,7 +27,8 @@ from rnngen.model.tokenizers import TokenizerKinds
 from rnngen.model.loop_graph import LOGITS, TOKENS, state_output_name
 from rnngen.model.prefill_graph import PREFILL_CHUNK, derive_last_logits_model
 from rnngen.model.step_graph import (LOG_Z, NEXT_TOKEN, SAMPLE_GREEDY, SAMPLE_INV_TEMPERATURE, SAMPLE_UNIFORM, add_sampling_head,
-                                     decoding_step_model, layer_state_name, layer_state_output_name, temperature_inputs)
+                                     decoding_step_model, layer_state_name, layer_state_output_name, layer_states,
+                                     temperature_inputs)
 
 # Cells whose whole-sequence calls (`run`, `prefill`) go through the fused-op graph, per device.
 # Measured (benchmarks/decode.py, prefill of 1,000 tokens): on an H100 the CUDA provider's fused
@@ -51,7 +52,7 @@ class RnnModel:
         self._state_outputs = [state_output_name(s) for s in self.state_names]
         self._outputs = [LOGITS, *self._state_outputs]
         # The decoding step graph takes and gives the state layer by layer (step_graph.decoding_step_model).
-        self._layer_states = [(s, k) for s in self.state_names for k in range(self.config.num_layers)]
+        self._layer_states = layer_states(self.config)
         self._step_outputs = [LOGITS, NEXT_TOKEN, LOG_Z, *(layer_state_output_name(s, k) for s, k in self._layer_states)]
         providers = select_providers(device)
         so = ort_session_options(options)

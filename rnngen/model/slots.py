@@ -20,7 +20,7 @@ from rnngen.errors import InvalidParameterError, OverloadedError
 from rnngen.model.loop_graph import LOGITS, TOKENS
 from rnngen.model.runtime import RnnModel
 from rnngen.model.step_graph import (LOG_Z, NEXT_TOKEN, SAMPLE_GREEDY, SAMPLE_INV_TEMPERATURE, SAMPLE_UNIFORM,
-                                     layer_state_name, layer_state_output_name, temperature_inputs)
+                                     layer_state_name, layer_state_output_name, layer_states, temperature_inputs)
 
 
 class SlotStore(Protocol):
@@ -90,9 +90,8 @@ class _Bound:
         for parity in (0, 1):
             binding = model.step_session.io_binding()
             # Each layer's state is bound to its slice (rows, H) of the (L, rows, H) arrays.
-            ins = {**inputs, **{layer_state_name(s, k): v[k] for s, v in self.state[parity].items() for k in range(len(v))}}
-            outs = {**outputs, **{layer_state_output_name(s, k): v[k] for s, v in self.state[1 - parity].items()
-                                  for k in range(len(v))}}
+            ins = {**inputs, **{layer_state_name(s, k): self.state[parity][s][k] for s, k in layer_states(cfg)}}
+            outs = {**outputs, **{layer_state_output_name(s, k): self.state[1 - parity][s][k] for s, k in layer_states(cfg)}}
             for name, array in ins.items():
                 binding.bind_input(name, "cpu", 0, array.dtype, list(array.shape), array.ctypes.data)
             for name, array in outs.items():

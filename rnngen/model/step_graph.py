@@ -109,6 +109,11 @@ def layer_state_output_name(state: str, layer: int) -> str:
     return f"{state}_out_l{layer}"
 
 
+def layer_states(config: ModelConfig) -> list[tuple[str, int]]:
+    """The decoding step graph's per-layer state tensors, in its input and output order: (state, layer)."""
+    return [(s, k) for s in config.state_names for k in range(config.num_layers)]
+
+
 def decoding_step_model(model: onnx.ModelProto, config: ModelConfig) -> onnx.ModelProto:
     """The graph decoding runs once per token: one token per row through every layer, with the
     weights of `model` (rnngen's own graph, see rnngen.model.canonical).
@@ -154,7 +159,7 @@ def decoding_step_model(model: onnx.ModelProto, config: ModelConfig) -> onnx.Mod
         node.output[:] = [renames.get(name, name) for name in node.output]
 
     f32, hidden = onnx.TensorProto.FLOAT, config.hidden_size
-    per_layer = [(s, k) for s in states for k in range(config.num_layers)]
+    per_layer = layer_states(config)
     inputs = [helper.make_tensor_value_info(TOKENS, onnx.TensorProto.INT64, ["batch"])]
     inputs += [helper.make_tensor_value_info(layer_state_name(s, k), f32, ["batch", hidden]) for s, k in per_layer]
     outputs = [helper.make_tensor_value_info(LOGITS, f32, ["batch", config.vocab_size])]
