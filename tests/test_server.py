@@ -82,14 +82,16 @@ def test_streams_text_and_reports_usage(start_server, char_model_file):
         first = next(long)  # text arrives while the stream is far from done
         assert first.text and first.finish_reason == pb.FINISH_REASON_UNSPECIFIED and not first.usage.completion_tokens
         long.cancel()
-        params = GenerationParams(max_new_tokens=50, seed=3)
+        # Long enough to span several delivery intervals however fast the steps are here (50 tokens
+        # of the test model can all come in the first message).
+        params = GenerationParams(max_new_tokens=2000, seed=3)
         messages = list(client.generate("the ", params=params, return_token_ids=True))
     assert len(messages) >= 2
     text = "".join(m.text for m in messages)
     last = messages[-1]
     assert last.finish_reason == pb.FINISH_REASON_LENGTH
-    assert last.usage.prompt_tokens == 4 and last.usage.completion_tokens == 50
-    assert sum(len(m.token_ids) for m in messages) == 50
+    assert last.usage.prompt_tokens == 4 and last.usage.completion_tokens == 2000
+    assert sum(len(m.token_ids) for m in messages) == 2000
     assert all(m.finish_reason == pb.FINISH_REASON_UNSPECIFIED for m in messages[:-1])
     local = generate(RnnModel.load(char_model_file, device="cpu"), "the ", params)
     assert text == local.text
@@ -113,7 +115,8 @@ def test_concurrent_streams_share_steps_and_decode_as_alone(start_server, char_m
     real_step = engine.step
     engine.step = lambda: batch_sizes.append(len(engine)) or real_step()
     local = RnnModel.load(char_model_file, device="cpu")
-    jobs = [("the ", GenerationParams(max_new_tokens=400, seed=s, temperature=0.5 + s / 10, top_k=s % 5)) for s in range(12)]
+    # Long enough that the streams overlap however fast the steps are here.
+    jobs = [("the ", GenerationParams(max_new_tokens=1500, seed=s, temperature=0.5 + s / 10, top_k=s % 5)) for s in range(12)]
     results = [None] * len(jobs)
 
     def run(i):
